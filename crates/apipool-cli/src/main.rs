@@ -1,0 +1,4 @@
+//! The `apipool` command line.
+fn main() {
+    println!("apipool {}", env!("CARGO_PKG_VERSION"));
+}

@@ -1,0 +1,1 @@
+//! apipool-server (work in progress).

@@ -1,0 +1,1 @@
+//! Usage statistics (being written).

@@ -1,0 +1,1 @@
+//! mock-upstream (work in progress).
