@@ -1,0 +1,2 @@
+//! Stats collector benchmarks (being written).
+fn main() {}
