@@ -1,0 +1,387 @@
+//! `batch_exec` / `abatch_exec` and `call_concurrent` / `acall_concurrent`.
+//!
+//! Both run one operation over many inputs at bounded concurrency through the pool, which paces
+//! them to its capacity. The bookkeeping (dedupe, results, progress, banned keys) is one
+//! [`Collector`]; sync and async differ only in their workers (threads vs. futures).
+
+use crate::error::{CallError, Error};
+use crate::key::ApiKey;
+use crate::manager::{ApiKeyManager, CallOpts, KeyClient, RetryPolicy};
+use crate::outcome::{Classifier, DefaultClassifier};
+use futures::StreamExt;
+use parking_lot::Mutex;
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::hash::Hash;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+/// How far a batch has got, passed to the progress callback after every item.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchProgress {
+    /// Items to run (after removing duplicates).
+    pub total: usize,
+    /// Items finished.
+    pub done: usize,
+    /// Items that succeeded.
+    pub succeeded: usize,
+    /// Items that failed.
+    pub failed: usize,
+    /// Time since the batch started.
+    pub elapsed: Duration,
+}
+
+type ProgressFn = dyn Fn(&BatchProgress) + Send + Sync;
+
+/// Options for a batch. Unset fields come from the pool's [`crate::PoolConfig`]
+/// (`concurrency`, `batch_retry_on_failure`, `batch_max_retries`).
+#[derive(Clone, Default)]
+pub struct BatchOptions {
+    concurrency: Option<usize>,
+    retry: Option<RetryPolicy>,
+    max_wait: Option<Duration>,
+    progress: Option<Arc<ProgressFn>>,
+    label: Option<Arc<str>>,
+}
+
+impl std::fmt::Debug for BatchOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BatchOptions")
+            .field("concurrency", &self.concurrency)
+            .field("retry", &self.retry)
+            .field("max_wait", &self.max_wait)
+            .finish_non_exhaustive()
+    }
+}
+
+impl BatchOptions {
+    /// Default options.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Items in flight at once (must be ≥ 1).
+    pub fn concurrency(mut self, n: usize) -> Self {
+        self.concurrency = Some(n);
+        self
+    }
+
+    /// Retry failures on another key up to `max_retries` times (rate limits are always retried).
+    pub fn retry(mut self, retry_on_failure: bool, max_retries: u32) -> Self {
+        self.retry = Some(RetryPolicy {
+            retry_on_failure,
+            max_retries,
+            ..RetryPolicy::default()
+        });
+        self
+    }
+
+    /// How long one item may wait for a free key (default: as long as keys can free up).
+    pub fn max_wait(mut self, d: Duration) -> Self {
+        self.max_wait = Some(d);
+        self
+    }
+
+    /// Called after every finished item.
+    pub fn on_progress(mut self, f: impl Fn(&BatchProgress) + Send + Sync + 'static) -> Self {
+        self.progress = Some(Arc::new(f));
+        self
+    }
+
+    /// Labels the batch's calls in statistics.
+    pub fn label(mut self, label: impl Into<Arc<str>>) -> Self {
+        self.label = Some(label.into());
+        self
+    }
+}
+
+/// What a batch did.
+#[derive(Debug)]
+pub struct BatchResult<Id, T, E> {
+    /// Distinct items run.
+    pub total: usize,
+    /// Items that succeeded.
+    pub succeeded: usize,
+    /// Items that failed (after retries).
+    pub failed: usize,
+    /// Each successful item's value.
+    pub results: HashMap<Id, T>,
+    /// Each failed item's error.
+    pub errors: HashMap<Id, CallError<E>>,
+    /// Item ids that appeared more than once in the input (each ran once).
+    pub duplicates: Vec<Id>,
+    /// Keys banned or archived when the batch ended.
+    pub banned_keys: Vec<String>,
+    /// Wall time of the batch.
+    pub elapsed: Duration,
+}
+
+impl<Id, T, E> BatchResult<Id, T, E> {
+    /// Fraction of items that succeeded (1.0 for an empty batch).
+    pub fn success_rate(&self) -> f64 {
+        if self.total == 0 {
+            1.0
+        } else {
+            self.succeeded as f64 / self.total as f64
+        }
+    }
+}
+
+/// A batch's shared bookkeeping.
+struct Collector<Id, T, E> {
+    started: Instant,
+    total: usize,
+    done: AtomicUsize,
+    succeeded: AtomicUsize,
+    results: Mutex<(HashMap<Id, T>, HashMap<Id, CallError<E>>)>,
+    progress: Option<Arc<ProgressFn>>,
+}
+
+impl<Id: Eq + Hash + Clone, T, E> Collector<Id, T, E> {
+    /// Removes duplicate ids, keeping each id's first input.
+    fn dedupe<I>(items: impl IntoIterator<Item = (Id, I)>) -> (Vec<(Id, I)>, Vec<Id>) {
+        let mut seen = HashSet::new();
+        let mut unique = Vec::new();
+        let mut dups = Vec::new();
+        for (id, input) in items {
+            if seen.insert(id.clone()) {
+                unique.push((id, input));
+            } else {
+                dups.push(id);
+            }
+        }
+        (unique, dups)
+    }
+
+    fn new(total: usize, progress: Option<Arc<ProgressFn>>) -> Self {
+        Self {
+            started: Instant::now(),
+            total,
+            done: AtomicUsize::new(0),
+            succeeded: AtomicUsize::new(0),
+            results: Mutex::new((HashMap::with_capacity(total), HashMap::new())),
+            progress,
+        }
+    }
+
+    fn record(&self, id: Id, result: Result<T, CallError<E>>) {
+        let ok = result.is_ok();
+        {
+            let mut r = self.results.lock();
+            match result {
+                Ok(v) => {
+                    r.0.insert(id, v);
+                }
+                Err(e) => {
+                    r.1.insert(id, e);
+                }
+            }
+        }
+        let succeeded = if ok {
+            self.succeeded.fetch_add(1, Ordering::Relaxed) + 1
+        } else {
+            self.succeeded.load(Ordering::Relaxed)
+        };
+        let done = self.done.fetch_add(1, Ordering::Relaxed) + 1;
+        if let Some(p) = &self.progress {
+            p(&BatchProgress {
+                total: self.total,
+                done,
+                succeeded,
+                failed: done - succeeded,
+                elapsed: self.started.elapsed(),
+            });
+        }
+    }
+
+    fn finish<K: ApiKey>(self, pool: &ApiKeyManager<K>, duplicates: Vec<Id>) -> BatchResult<Id, T, E> {
+        let (results, errors) = self.results.into_inner();
+        let banned_keys = pool
+            .key_reports()
+            .into_iter()
+            .filter(|r| matches!(r.state.name(), "banned" | "archived"))
+            .map(|r| r.identifier.to_string())
+            .collect();
+        BatchResult {
+            total: self.total,
+            succeeded: results.len(),
+            failed: errors.len(),
+            results,
+            errors,
+            duplicates,
+            banned_keys,
+            elapsed: self.started.elapsed(),
+        }
+    }
+}
+
+/// Waiting budget for batch items: as long as keys can free up (a year stands in for "forever").
+const BATCH_WAIT: Duration = Duration::from_secs(365 * 24 * 3600);
+
+impl<K: ApiKey> ApiKeyManager<K> {
+    fn batch_opts(&self, opts: &BatchOptions, batch: bool) -> Result<(CallOpts, usize), Error> {
+        let settings = self.call_settings();
+        let concurrency = match opts.concurrency {
+            Some(0) => return Err(Error::ZeroConcurrency),
+            Some(n) => n,
+            None if settings.concurrency > 0 => settings.concurrency as usize,
+            None => self.pool_size().max(1),
+        };
+        let retry = opts.retry.map_or(
+            if batch { settings.batch_retry } else { settings.retry },
+            |r| RetryPolicy {
+                max_refusals: settings.retry.max_refusals,
+                ..r
+            },
+        );
+        let call = CallOpts {
+            retry,
+            max_wait: opts.max_wait.unwrap_or(if batch { BATCH_WAIT } else { settings.max_wait }),
+            timeout: settings.timeout,
+            label: opts.label.clone(),
+        };
+        Ok((call, concurrency))
+    }
+
+    /// Runs `op` once per distinct item id through the pool, `concurrency` at a time, paced to the
+    /// pool's capacity, retrying on other keys per the batch retry policy. Duplicate ids are
+    /// reported, not run twice. Sync: worker threads that wait with thread sleeps.
+    pub fn batch_exec<Id, I, T, E, C, F>(
+        &self,
+        items: impl IntoIterator<Item = (Id, I)>,
+        classifier: &C,
+        op: F,
+        opts: BatchOptions,
+    ) -> Result<BatchResult<Id, T, E>, Error>
+    where
+        Id: Eq + Hash + Clone + Send + Sync,
+        I: Sync,
+        T: Send,
+        E: Send,
+        C: Classifier<T, E> + ?Sized,
+        F: Fn(&K::Client, &I) -> Result<T, E> + Sync,
+    {
+        let (call, concurrency) = self.batch_opts(&opts, true)?;
+        let (unique, duplicates) = Collector::<Id, T, E>::dedupe(items);
+        let collector = Collector::new(unique.len(), opts.progress.clone());
+        let next = AtomicUsize::new(0);
+        std::thread::scope(|s| {
+            for _ in 0..concurrency.min(unique.len()) {
+                s.spawn(|| {
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        let Some((id, input)) = unique.get(i) else { break };
+                        let r = self.call_with_opts(classifier, &call, |client| op(client, input));
+                        collector.record(id.clone(), r);
+                    }
+                });
+            }
+        });
+        Ok(collector.finish(self, duplicates))
+    }
+
+    /// Async twin of [`Self::batch_exec`]: `op` gets the key's client handle and a clone of the input
+    /// for each attempt; per-call timeouts are enforced.
+    pub async fn abatch_exec<Id, I, T, E, C, F, Fut>(
+        &self,
+        items: impl IntoIterator<Item = (Id, I)>,
+        classifier: &C,
+        op: F,
+        opts: BatchOptions,
+    ) -> Result<BatchResult<Id, T, E>, Error>
+    where
+        Id: Eq + Hash + Clone,
+        I: Clone,
+        C: Classifier<T, E> + ?Sized,
+        F: Fn(Arc<KeyClient<K>>, I) -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        let (call, concurrency) = self.batch_opts(&opts, true)?;
+        let (unique, duplicates) = Collector::<Id, T, E>::dedupe(items);
+        let collector = Collector::new(unique.len(), opts.progress.clone());
+        let (call, collector_ref, op) = (&call, &collector, &op);
+        futures::stream::iter(unique)
+            .map(|(id, input)| async move {
+                let r = self
+                    .acall_with_opts(classifier, call, |client| op(client, input.clone()))
+                    .await;
+                collector_ref.record(id, r);
+            })
+            .buffer_unordered(concurrency)
+            .collect::<()>()
+            .await;
+        Ok(collector.finish(self, duplicates))
+    }
+
+    /// Runs `op` over `inputs`, `concurrency` at a time (default from the pool config), with the
+    /// pool's call retry policy; results come back in input order, one per input.
+    pub fn call_concurrent<I, T, E, F>(
+        &self,
+        inputs: &[I],
+        op: F,
+        opts: BatchOptions,
+    ) -> Result<Vec<Result<T, CallError<E>>>, Error>
+    where
+        I: Sync,
+        T: Send,
+        E: Send,
+        F: Fn(&K::Client, &I) -> Result<T, E> + Sync,
+    {
+        let (call, concurrency) = self.batch_opts(&opts, false)?;
+        let collector = Collector::<usize, T, E>::new(inputs.len(), opts.progress.clone());
+        let next = AtomicUsize::new(0);
+        std::thread::scope(|s| {
+            for _ in 0..concurrency.min(inputs.len()) {
+                s.spawn(|| {
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(input) = inputs.get(i) else { break };
+                        let r = self.call_with_opts(&DefaultClassifier, &call, |client| op(client, input));
+                        collector.record(i, r);
+                    }
+                });
+            }
+        });
+        Ok(in_order(collector, inputs.len()))
+    }
+
+    /// Async twin of [`Self::call_concurrent`], with enforced per-call timeouts.
+    pub async fn acall_concurrent<I, T, E, F, Fut>(
+        &self,
+        inputs: Vec<I>,
+        op: F,
+        opts: BatchOptions,
+    ) -> Result<Vec<Result<T, CallError<E>>>, Error>
+    where
+        I: Clone,
+        F: Fn(Arc<KeyClient<K>>, I) -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        let (call, concurrency) = self.batch_opts(&opts, false)?;
+        let n = inputs.len();
+        let collector = Collector::<usize, T, E>::new(n, opts.progress.clone());
+        let (call, collector_ref, op) = (&call, &collector, &op);
+        futures::stream::iter(inputs.into_iter().enumerate())
+            .map(|(i, input)| async move {
+                let r = self
+                    .acall_with_opts(&DefaultClassifier, call, |client| op(client, input.clone()))
+                    .await;
+                collector_ref.record(i, r);
+            })
+            .buffer_unordered(concurrency)
+            .collect::<()>()
+            .await;
+        Ok(in_order(collector, n))
+    }
+}
+
+fn in_order<T, E>(collector: Collector<usize, T, E>, n: usize) -> Vec<Result<T, CallError<E>>> {
+    let (mut ok, mut err) = collector.results.into_inner();
+    (0..n)
+        .map(|i| match ok.remove(&i) {
+            Some(v) => Ok(v),
+            None => Err(err.remove(&i).unwrap_or(CallError::Pool(Error::NoUsableKeys))),
+        })
+        .collect()
+}

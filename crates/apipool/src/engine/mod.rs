@@ -1,0 +1,999 @@
+//! The engine: a pure state machine for key selection, per-key limits and health.
+//!
+//! It does no I/O, never sleeps and never reads the clock: callers pass `now`. Shells (sync, async,
+//! batch, proxy) wrap it in a lock and adapt its answers — a lease, "wait until t", or "no usable
+//! key" — to their way of waiting.
+
+mod select;
+
+use crate::config::{RateLimit, Strategy};
+use crate::outcome::Outcome;
+use rand::SeedableRng;
+use rand::rngs::SmallRng;
+use select::Selector;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Engine time: nanoseconds since the engine's origin instant.
+type Tick = u64;
+
+/// Entries kept per key while learning a limit that nobody configured.
+const LEARN_LOG_CAP: usize = 512;
+
+/// Tunables the engine enforces (built from [`crate::PoolConfig`] and the builder).
+#[derive(Debug, Clone)]
+pub(crate) struct Settings {
+    pub(crate) limits: Vec<RateLimit>,
+    pub(crate) max_in_flight: u32,
+    pub(crate) ban_threshold: u32,
+    pub(crate) ban_duration: Duration,
+    pub(crate) default_cooldown: Duration,
+    pub(crate) archive_on_rate_limit: bool,
+    pub(crate) learn: bool,
+    pub(crate) learned_ttl: Duration,
+    pub(crate) scope_refusal_keys: u32,
+    pub(crate) scope_refusal_window: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            limits: Vec::new(),
+            max_in_flight: 0,
+            ban_threshold: 3,
+            ban_duration: Duration::from_secs(300),
+            default_cooldown: Duration::from_secs(1),
+            archive_on_rate_limit: false,
+            learn: true,
+            learned_ttl: Duration::from_secs(600),
+            scope_refusal_keys: 2,
+            scope_refusal_window: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Why a key is cooling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CoolReason {
+    /// The upstream answered with a rate limit (429).
+    RateLimited,
+    /// The key's quota is used up (402, daily quota).
+    QuotaExhausted,
+}
+
+/// Why a key is archived.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ArchiveReason {
+    /// The upstream refused the key (401/403).
+    InvalidKey,
+    /// Archived on a rate limit (the seed's behaviour, when `archive_on_rate_limit` is on).
+    RateLimited,
+    /// `check_usable` found it unusable.
+    Unusable,
+    /// Archived by hand (or removed from the server while calls were in flight).
+    Manual,
+}
+
+/// A key's health.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyState {
+    /// In rotation.
+    Active,
+    /// Out of rotation until `until`, then back by itself.
+    Cooling {
+        /// When the key comes back.
+        until: Instant,
+        /// Why it cools.
+        reason: CoolReason,
+    },
+    /// Banned after too many consecutive failures, until `until`.
+    Banned {
+        /// When the key is re-admitted.
+        until: Instant,
+    },
+    /// Out of rotation until restored.
+    Archived {
+        /// Why.
+        reason: ArchiveReason,
+    },
+    /// Switched off by hand until enabled.
+    Disabled,
+}
+
+impl KeyState {
+    /// A short name: "active", "cooling", "banned", "archived", "disabled".
+    pub const fn name(&self) -> &'static str {
+        match self {
+            KeyState::Active => "active",
+            KeyState::Cooling { .. } => "cooling",
+            KeyState::Banned { .. } => "banned",
+            KeyState::Archived { .. } => "archived",
+            KeyState::Disabled => "disabled",
+        }
+    }
+
+    /// When a cooling or banned key comes back by itself.
+    pub const fn until(&self) -> Option<Instant> {
+        match self {
+            KeyState::Cooling { until, .. } | KeyState::Banned { until } => Some(*until),
+            _ => None,
+        }
+    }
+}
+
+/// Everything the engine knows about one key, and why it would be skipped now.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KeyReport {
+    /// The key's safe identifier.
+    pub identifier: Arc<str>,
+    /// Its health state (an expired cooldown or ban already counts as active).
+    pub state: KeyState,
+    /// Whether the next acquire could pick it.
+    pub available: bool,
+    /// Why it would be skipped, in words; `None` when available.
+    pub skipped_because: Option<String>,
+    /// Calls in flight on it.
+    pub in_flight: u32,
+    /// Consecutive failures counted toward a ban.
+    pub consecutive_failures: u32,
+    /// Leases granted over its lifetime.
+    pub calls: u64,
+    /// Successful calls.
+    pub successes: u64,
+    /// Failed or timed-out calls.
+    pub failures: u64,
+    /// Rate-limited calls.
+    pub rate_limited: u64,
+    /// The limit learned from 429s (calls, window), when no limit was configured.
+    pub learned_limit: Option<(u32, Duration)>,
+    /// The quota scope it belongs to.
+    pub scope: Option<Arc<str>>,
+}
+
+/// Proof of one granted lease; hand it back with [`Engine::report`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct LeaseToken {
+    pub(crate) idx: u32,
+    gen_: u32,
+    at: Tick,
+}
+
+/// The engine's answer to "give me a key".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Acquire {
+    Granted(LeaseToken),
+    /// Nothing is free now. `until`: the earliest moment a key frees up by time; `None`: only a
+    /// finishing call can free one. Either way a release may come first.
+    Wait { until: Option<Instant> },
+    /// No key can become free without an administrative action (all archived/disabled, or none).
+    NoUsableKeys,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Active,
+    Cooling { until: Tick, reason: CoolReason },
+    Banned { until: Tick },
+    Archived(ArchiveReason),
+    Disabled,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Learned {
+    limit: u32,
+    interval: Tick,
+    at: Tick,
+    /// The learning epoch: successes acquired in it and reported late still count toward `limit`.
+    from: Tick,
+    to: Tick,
+}
+
+#[derive(Debug)]
+struct Slot {
+    live: bool,
+    gen_: u32,
+    id: Arc<str>,
+    weight: u32,
+    state: State,
+    consecutive_failures: u32,
+    in_flight: u32,
+    log: VecDeque<Tick>,
+    learned: Option<Learned>,
+    epoch_start: Tick,
+    epoch_successes: u32,
+    epoch_first: Option<Tick>,
+    timer: Option<Tick>,
+    parked: bool,
+    scope: Option<u32>,
+    last_used: u64,
+    calls: u64,
+    successes: u64,
+    failures: u64,
+    rate_limited: u64,
+}
+
+#[derive(Debug)]
+struct Scope {
+    name: Arc<str>,
+    limits: Vec<RateLimit>,
+    max_in_flight: u32,
+    in_flight: u32,
+    log: VecDeque<Tick>,
+    cooling_until: Option<Tick>,
+    parked: Vec<u32>,
+    timer: Option<Tick>,
+    refusals: VecDeque<(Tick, u32)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Target {
+    Key(u32, u32),
+    Scope(u32),
+}
+
+/// Whether a key can be granted now, and if not what it waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Avail {
+    Ok,
+    Until(Tick),
+    Release,
+    Scope(u32, Option<Tick>),
+    Gone,
+}
+
+/// The pure engine. Not thread-safe by itself: shells keep it behind a lock.
+pub(crate) struct Engine {
+    origin: Instant,
+    settings: Settings,
+    strategy: Strategy,
+    slots: Vec<Slot>,
+    free: Vec<u32>,
+    selector: Selector,
+    timers: BinaryHeap<Reverse<(Tick, Target)>>,
+    scopes: Vec<Scope>,
+    scope_index: HashMap<Arc<str>, u32>,
+    rng: SmallRng,
+    seq: u64,
+    live: usize,
+    total_in_flight: u64,
+}
+
+impl fmt::Debug for Engine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Engine")
+            .field("strategy", &self.strategy)
+            .field("keys", &self.live)
+            .field("in_flight", &self.total_in_flight)
+            .finish_non_exhaustive()
+    }
+}
+
+fn window_block(log: &VecDeque<Tick>, limit: u32, interval: Tick, now: Tick) -> Option<Tick> {
+    let limit = limit as usize;
+    let n = log.len();
+    if limit == 0 || n < limit {
+        return None;
+    }
+    // The limit-th most recent call leaves the window at `t`; until then the window is full.
+    let t = log[n - limit].saturating_add(interval);
+    (t > now).then_some(t)
+}
+
+fn nanos(d: Duration) -> Tick {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+impl Engine {
+    pub(crate) fn new(settings: Settings, strategy: Strategy, seed: Option<u64>, origin: Instant) -> Self {
+        let rng = match seed {
+            Some(s) => SmallRng::seed_from_u64(s),
+            None => SmallRng::seed_from_u64(rand::random()),
+        };
+        Self {
+            origin,
+            settings,
+            strategy,
+            slots: Vec::new(),
+            free: Vec::new(),
+            selector: Selector::new(strategy, 0),
+            timers: BinaryHeap::new(),
+            scopes: Vec::new(),
+            scope_index: HashMap::new(),
+            rng,
+            seq: 0,
+            live: 0,
+            total_in_flight: 0,
+        }
+    }
+
+    fn tick(&self, t: Instant) -> Tick {
+        nanos(t.saturating_duration_since(self.origin))
+    }
+
+    fn instant(&self, t: Tick) -> Instant {
+        self.origin + Duration::from_nanos(t)
+    }
+
+    pub(crate) fn strategy(&self) -> Strategy {
+        self.strategy
+    }
+
+    pub(crate) fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// Number of keys in the pool (any state).
+    pub(crate) fn len(&self) -> usize {
+        self.live
+    }
+
+    pub(crate) fn in_flight(&self) -> u64 {
+        self.total_in_flight
+    }
+
+    /// Defines (or redefines) a quota scope shared by several keys.
+    pub(crate) fn define_scope(&mut self, name: &str, limits: Vec<RateLimit>, max_in_flight: u32) -> u32 {
+        let sc = self.scope_idx(name);
+        let s = &mut self.scopes[sc as usize];
+        s.limits = limits;
+        s.max_in_flight = max_in_flight;
+        self.unpark(sc);
+        sc
+    }
+
+    fn scope_idx(&mut self, name: &str) -> u32 {
+        if let Some(&i) = self.scope_index.get(name) {
+            return i;
+        }
+        let i = u32::try_from(self.scopes.len()).unwrap_or(u32::MAX);
+        let name: Arc<str> = Arc::from(name);
+        self.scopes.push(Scope {
+            name: name.clone(),
+            limits: Vec::new(),
+            max_in_flight: 0,
+            in_flight: 0,
+            log: VecDeque::new(),
+            cooling_until: None,
+            parked: Vec::new(),
+            timer: None,
+            refusals: VecDeque::new(),
+        });
+        self.scope_index.insert(name, i);
+        i
+    }
+
+    /// Adds a key in the active state and returns its index.
+    pub(crate) fn add_key(&mut self, id: Arc<str>, weight: u32, scope: Option<&str>, now: Instant) -> u32 {
+        let now = self.tick(now);
+        let scope = scope.map(|s| self.scope_idx(s));
+        let fresh = |gen_| Slot {
+            live: true,
+            gen_,
+            id,
+            weight: weight.max(1),
+            state: State::Active,
+            consecutive_failures: 0,
+            in_flight: 0,
+            log: VecDeque::new(),
+            learned: None,
+            epoch_start: now,
+            epoch_successes: 0,
+            epoch_first: None,
+            timer: None,
+            parked: false,
+            scope,
+            last_used: 0,
+            calls: 0,
+            successes: 0,
+            failures: 0,
+            rate_limited: 0,
+        };
+        let idx = if let Some(idx) = self.free.pop() {
+            let gen_ = self.slots[idx as usize].gen_;
+            self.slots[idx as usize] = fresh(gen_);
+            idx
+        } else {
+            self.slots.push(fresh(0));
+            u32::try_from(self.slots.len() - 1).unwrap_or(u32::MAX)
+        };
+        self.live += 1;
+        self.selector.grow(self.slots.len());
+        self.sel_insert(idx);
+        idx
+    }
+
+    /// Removes a key. Leases still out on it are accepted and ignored when reported.
+    pub(crate) fn remove_key(&mut self, idx: u32) {
+        let Some(s) = self.slots.get_mut(idx as usize) else { return };
+        if !s.live {
+            return;
+        }
+        s.live = false;
+        s.gen_ = s.gen_.wrapping_add(1);
+        s.timer = None;
+        self.total_in_flight -= u64::from(s.in_flight);
+        if let Some(sc) = s.scope {
+            self.scopes[sc as usize].in_flight -= s.in_flight.min(self.scopes[sc as usize].in_flight);
+        }
+        s.in_flight = 0;
+        self.selector.remove(idx);
+        self.live -= 1;
+        self.free.push(idx);
+    }
+
+    pub(crate) fn set_strategy(&mut self, strategy: Strategy) {
+        if strategy == self.strategy {
+            return;
+        }
+        let members: Vec<u32> = (0..self.slots.len() as u32).filter(|&k| self.selector.contains(k)).collect();
+        self.strategy = strategy;
+        self.selector = Selector::new(strategy, self.slots.len());
+        for k in members {
+            self.sel_insert(k);
+        }
+    }
+
+    /// Replaces the settings. Calls in flight are unaffected; windows keep their history, so a
+    /// changed limit applies from the next acquire without a burst.
+    pub(crate) fn apply_settings(&mut self, settings: Settings) {
+        self.settings = settings;
+        for k in 0..self.slots.len() as u32 {
+            let s = &mut self.slots[k as usize];
+            if s.live && s.state == State::Active {
+                s.timer = None;
+                self.sel_insert(k);
+            }
+        }
+    }
+
+    fn log_cap(&self, s: &Slot) -> usize {
+        let configured = self.settings.limits.iter().map(|l| l.limit()).max().unwrap_or(0);
+        let learned = s.learned.map_or(0, |l| l.limit);
+        let learning = if self.settings.learn && self.settings.limits.is_empty() && s.learned.is_none() {
+            LEARN_LOG_CAP as u32
+        } else {
+            0
+        };
+        configured.max(learned).max(learning) as usize
+    }
+
+    fn sel_insert(&mut self, k: u32) {
+        let s = &self.slots[k as usize];
+        if s.live && matches!(s.state, State::Active | State::Cooling { .. } | State::Banned { .. }) {
+            self.selector.insert(k, s.in_flight, s.last_used, s.weight);
+        }
+    }
+
+    fn schedule(&mut self, k: u32, t: Tick) {
+        let s = &mut self.slots[k as usize];
+        s.timer = Some(t);
+        self.timers.push(Reverse((t, Target::Key(k, s.gen_))));
+    }
+
+    fn schedule_scope(&mut self, sc: u32, t: Tick) {
+        let s = &mut self.scopes[sc as usize];
+        if s.timer != Some(t) {
+            s.timer = Some(t);
+            self.timers.push(Reverse((t, Target::Scope(sc))));
+        }
+    }
+
+    fn timer_valid(&self, t: Tick, target: Target) -> bool {
+        match target {
+            Target::Key(k, gen_) => {
+                let s = &self.slots[k as usize];
+                s.live && s.gen_ == gen_ && s.timer == Some(t)
+            }
+            Target::Scope(sc) => self.scopes[sc as usize].timer == Some(t),
+        }
+    }
+
+    fn fire_timers(&mut self, now: Tick) {
+        while let Some(&Reverse((t, target))) = self.timers.peek() {
+            if t > now {
+                break;
+            }
+            self.timers.pop();
+            if !self.timer_valid(t, target) {
+                continue;
+            }
+            match target {
+                Target::Key(k, _) => {
+                    self.slots[k as usize].timer = None;
+                    self.sel_insert(k);
+                }
+                Target::Scope(sc) => {
+                    self.scopes[sc as usize].timer = None;
+                    self.unpark(sc);
+                }
+            }
+        }
+    }
+
+    fn next_timer(&mut self) -> Option<Tick> {
+        while let Some(&Reverse((t, target))) = self.timers.peek() {
+            if self.timer_valid(t, target) {
+                return Some(t);
+            }
+            self.timers.pop();
+        }
+        None
+    }
+
+    fn unpark(&mut self, sc: u32) {
+        let parked = std::mem::take(&mut self.scopes[sc as usize].parked);
+        for k in parked {
+            self.slots[k as usize].parked = false;
+            self.sel_insert(k);
+        }
+    }
+
+    /// Read-only: can key `k` be granted at `now`? Expired cooldowns, bans and learned limits count
+    /// as already lifted (`refresh` applies those transitions).
+    fn assess(&self, k: u32, now: Tick) -> Avail {
+        let s = &self.slots[k as usize];
+        if !s.live {
+            return Avail::Gone;
+        }
+        match s.state {
+            State::Active => {}
+            State::Cooling { until, .. } | State::Banned { until } => {
+                if until > now {
+                    return Avail::Until(until);
+                }
+            }
+            State::Archived(_) | State::Disabled => return Avail::Gone,
+        }
+        if self.settings.max_in_flight > 0 && s.in_flight >= self.settings.max_in_flight {
+            return Avail::Release;
+        }
+        let mut until = None;
+        for lim in &self.settings.limits {
+            until = until.max(window_block(&s.log, lim.limit(), nanos(lim.effective_interval()), now));
+        }
+        if let Some(l) = s.learned.filter(|l| l.at + nanos(self.settings.learned_ttl) > now) {
+            until = until.max(window_block(&s.log, l.limit, l.interval, now));
+        }
+        if let Some(t) = until {
+            return Avail::Until(t);
+        }
+        if let Some(sc) = s.scope {
+            let scope = &self.scopes[sc as usize];
+            if let Some(u) = scope.cooling_until.filter(|&u| u > now) {
+                return Avail::Scope(sc, Some(u));
+            }
+            if scope.max_in_flight > 0 && scope.in_flight >= scope.max_in_flight {
+                return Avail::Scope(sc, None);
+            }
+            let mut until = None;
+            for lim in &scope.limits {
+                until = until.max(window_block(&scope.log, lim.limit(), nanos(lim.effective_interval()), now));
+            }
+            if until.is_some() {
+                return Avail::Scope(sc, until);
+            }
+        }
+        Avail::Ok
+    }
+
+    /// Applies time-based transitions on key `k`: expired cooldown/ban → active (a new learning
+    /// epoch), expired learned limit → forgotten.
+    fn refresh(&mut self, k: u32, now: Tick) {
+        let ttl = nanos(self.settings.learned_ttl);
+        let s = &mut self.slots[k as usize];
+        let expired = match s.state {
+            State::Cooling { until, .. } => until <= now,
+            State::Banned { until } => {
+                if until <= now {
+                    s.consecutive_failures = 0;
+                }
+                until <= now
+            }
+            _ => false,
+        };
+        if expired {
+            s.state = State::Active;
+            s.epoch_start = now;
+            s.epoch_successes = 0;
+            s.epoch_first = None;
+        }
+        if s.learned.is_some_and(|l| l.at + ttl <= now) {
+            s.learned = None;
+            s.epoch_start = now;
+            s.epoch_successes = 0;
+            s.epoch_first = None;
+        }
+    }
+
+    fn pick(&mut self, now: Tick) -> Option<u32> {
+        loop {
+            let k = self.selector.pick(&mut self.rng)?;
+            match self.assess(k, now) {
+                Avail::Ok => {
+                    self.refresh(k, now);
+                    return Some(k);
+                }
+                Avail::Until(t) => {
+                    self.selector.remove(k);
+                    self.schedule(k, t);
+                }
+                Avail::Release | Avail::Gone => self.selector.remove(k),
+                Avail::Scope(sc, until) => {
+                    self.selector.remove(k);
+                    let s = &mut self.slots[k as usize];
+                    if !s.parked {
+                        s.parked = true;
+                        self.scopes[sc as usize].parked.push(k);
+                    }
+                    if let Some(t) = until {
+                        self.schedule_scope(sc, t);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Grants a lease on a free key, preferring keys not in `avoid` (used by retries so a retry lands
+    /// on a different key). Falls back to an avoided key rather than wait when it is the only one free.
+    pub(crate) fn acquire(&mut self, now: Instant, avoid: &[u32]) -> Acquire {
+        let now = self.tick(now);
+        self.fire_timers(now);
+        let mut set_aside = Vec::new();
+        for &a in avoid {
+            if self.selector.contains(a) {
+                self.selector.remove(a);
+                set_aside.push(a);
+            }
+        }
+        let mut picked = self.pick(now);
+        for a in set_aside {
+            self.sel_insert(a);
+        }
+        if picked.is_none() && !avoid.is_empty() {
+            picked = self.pick(now);
+        }
+        match picked {
+            Some(k) => Acquire::Granted(self.grant(k, now)),
+            None => self.wait_hint(),
+        }
+    }
+
+    fn grant(&mut self, k: u32, now: Tick) -> LeaseToken {
+        self.seq += 1;
+        let cap = self.log_cap(&self.slots[k as usize]);
+        let s = &mut self.slots[k as usize];
+        s.in_flight += 1;
+        s.last_used = self.seq;
+        s.calls += 1;
+        if cap > 0 {
+            s.log.push_back(now);
+            while s.log.len() > cap {
+                s.log.pop_front();
+            }
+        }
+        let (in_flight, last_used, gen_, scope) = (s.in_flight, s.last_used, s.gen_, s.scope);
+        self.total_in_flight += 1;
+        if let Some(sc) = scope {
+            let scope = &mut self.scopes[sc as usize];
+            scope.in_flight += 1;
+            let cap = scope.limits.iter().map(|l| l.limit()).max().unwrap_or(0) as usize;
+            if cap > 0 {
+                scope.log.push_back(now);
+                while scope.log.len() > cap {
+                    scope.log.pop_front();
+                }
+            }
+        }
+        self.selector.touch(k, in_flight, last_used);
+        LeaseToken { idx: k, gen_, at: now }
+    }
+
+    fn wait_hint(&mut self) -> Acquire {
+        if let Some(t) = self.next_timer() {
+            return Acquire::Wait {
+                until: Some(self.instant(t)),
+            };
+        }
+        if self.total_in_flight > 0 {
+            return Acquire::Wait { until: None };
+        }
+        Acquire::NoUsableKeys
+    }
+
+    /// Takes a lease back with its outcome (`None`: dropped without one; only the slot is freed).
+    pub(crate) fn report(&mut self, token: LeaseToken, outcome: Option<Outcome>, now: Instant) {
+        let now = self.tick(now);
+        let k = token.idx;
+        let Some(s) = self.slots.get_mut(k as usize) else { return };
+        if !s.live || s.gen_ != token.gen_ {
+            return;
+        }
+        s.in_flight = s.in_flight.saturating_sub(1);
+        self.total_in_flight = self.total_in_flight.saturating_sub(1);
+        let scope = s.scope;
+        let waiting_on_release = s.state == State::Active && s.timer.is_none() && !s.parked;
+        if let Some(sc) = scope {
+            let sco = &mut self.scopes[sc as usize];
+            sco.in_flight = sco.in_flight.saturating_sub(1);
+            if sco.timer.is_none() && !sco.parked.is_empty() {
+                self.unpark(sc);
+            }
+        }
+        if self.selector.contains(k) {
+            let s = &self.slots[k as usize];
+            self.selector.touch(k, s.in_flight, s.last_used);
+        } else if waiting_on_release {
+            self.sel_insert(k);
+        }
+        let Some(outcome) = outcome else { return };
+        let s = &mut self.slots[k as usize];
+        match outcome {
+            Outcome::Success => {
+                s.successes += 1;
+                s.consecutive_failures = 0;
+                if let Some(l) = s.learned.as_mut().filter(|l| (l.from..=l.to).contains(&token.at)) {
+                    // A success from the learning epoch reported after the 429: count it too.
+                    l.limit += 1;
+                } else if token.at >= s.epoch_start {
+                    s.epoch_successes += 1;
+                    s.epoch_first = Some(s.epoch_first.map_or(token.at, |f| f.min(token.at)));
+                }
+            }
+            Outcome::RateLimited {
+                retry_after,
+                scope_wide,
+            } => {
+                s.rate_limited += 1;
+                if self.settings.archive_on_rate_limit {
+                    self.archive(k, ArchiveReason::RateLimited);
+                    return;
+                }
+                let until = now.saturating_add(nanos(retry_after.unwrap_or(self.settings.default_cooldown)));
+                self.learn(k, until, now);
+                self.cool(k, until, CoolReason::RateLimited);
+                if let Some(sc) = scope {
+                    self.scope_refusal(sc, k, now, until, scope_wide);
+                }
+            }
+            Outcome::QuotaExhausted { until } => {
+                s.rate_limited += 1;
+                let until = match until {
+                    Some(t) => self.tick(t),
+                    None => now.saturating_add(nanos(self.settings.default_cooldown)),
+                };
+                self.cool(k, until, CoolReason::QuotaExhausted);
+            }
+            Outcome::InvalidKey => {
+                s.failures += 1;
+                self.archive(k, ArchiveReason::InvalidKey);
+            }
+            Outcome::Failed | Outcome::Timeout => {
+                s.failures += 1;
+                s.consecutive_failures += 1;
+                if s.consecutive_failures >= self.settings.ban_threshold && matches!(s.state, State::Active) {
+                    let until = now.saturating_add(nanos(self.settings.ban_duration));
+                    s.state = State::Banned { until };
+                    self.selector.remove(k);
+                    self.schedule(k, until);
+                }
+            }
+            Outcome::NotKeyRelated => {}
+        }
+    }
+
+    /// Learns a key's limit from a rate limit when none is configured: the successes since the key
+    /// came back, over the time from the first of them to the moment the upstream frees the window.
+    fn learn(&mut self, k: u32, until: Tick, now: Tick) {
+        if !self.settings.learn || !self.settings.limits.is_empty() {
+            return;
+        }
+        let s = &mut self.slots[k as usize];
+        match (&mut s.learned, s.epoch_first) {
+            (None, Some(first)) if s.epoch_successes > 0 => {
+                let raw = until.saturating_sub(first).max(1_000_000);
+                // The same safety margin as a configured limit: 1% of the window, 2–25 ms.
+                let margin = (raw / 100).clamp(2_000_000, 25_000_000);
+                s.learned = Some(Learned {
+                    limit: s.epoch_successes,
+                    interval: raw + margin,
+                    at: until,
+                    from: first,
+                    to: now,
+                });
+            }
+            (Some(l), _) => {
+                // Still refused under the learned limit: tighten it.
+                l.limit = l.limit.saturating_sub((l.limit / 20).max(1)).max(1);
+            }
+            _ => {}
+        }
+        // The epoch restarts when the key comes back from its cooldown.
+        s.epoch_successes = 0;
+        s.epoch_first = None;
+        s.epoch_start = until;
+    }
+
+    fn cool(&mut self, k: u32, until: Tick, reason: CoolReason) {
+        let s = &mut self.slots[k as usize];
+        match s.state {
+            State::Cooling { until: u0, .. } if u0 >= until => return,
+            State::Archived(_) | State::Disabled => return,
+            State::Banned { until: u0 } if u0 >= until => return,
+            _ => {}
+        }
+        s.state = State::Cooling { until, reason };
+        self.selector.remove(k);
+        self.schedule(k, until);
+    }
+
+    fn scope_refusal(&mut self, sc: u32, k: u32, now: Tick, until: Tick, scope_wide: bool) {
+        let window = nanos(self.settings.scope_refusal_window);
+        let threshold = self.settings.scope_refusal_keys.max(1) as usize;
+        let scope = &mut self.scopes[sc as usize];
+        scope.refusals.push_back((now, k));
+        while scope.refusals.front().is_some_and(|&(t, _)| t + window < now) {
+            scope.refusals.pop_front();
+        }
+        let mut distinct: Vec<u32> = scope.refusals.iter().map(|&(_, key)| key).collect();
+        distinct.sort_unstable();
+        distinct.dedup();
+        if scope_wide || distinct.len() >= threshold {
+            let until = scope.cooling_until.map_or(until, |u| u.max(until));
+            scope.cooling_until = Some(until);
+            self.schedule_scope(sc, until);
+        }
+    }
+
+    pub(crate) fn archive(&mut self, k: u32, reason: ArchiveReason) {
+        let s = &mut self.slots[k as usize];
+        if !s.live {
+            return;
+        }
+        s.state = State::Archived(reason);
+        s.timer = None;
+        self.selector.remove(k);
+    }
+
+    pub(crate) fn disable(&mut self, k: u32) {
+        let s = &mut self.slots[k as usize];
+        if !s.live {
+            return;
+        }
+        s.state = State::Disabled;
+        s.timer = None;
+        self.selector.remove(k);
+    }
+
+    /// Puts a disabled key back (other states are left alone).
+    pub(crate) fn enable(&mut self, k: u32, now: Instant) {
+        if self.slots.get(k as usize).is_some_and(|s| s.live && s.state == State::Disabled) {
+            self.reset(k, now);
+        }
+    }
+
+    /// Clears a key's health by hand: active, no failures, no cooldown, ban or archive.
+    pub(crate) fn reset(&mut self, k: u32, now: Instant) {
+        let now = self.tick(now);
+        let s = &mut self.slots[k as usize];
+        if !s.live {
+            return;
+        }
+        s.state = State::Active;
+        s.consecutive_failures = 0;
+        s.timer = None;
+        s.epoch_start = now;
+        s.epoch_successes = 0;
+        s.epoch_first = None;
+        self.sel_insert(k);
+    }
+
+    /// Whether key `k` is archived.
+    pub(crate) fn is_archived(&self, k: u32) -> bool {
+        matches!(self.slots.get(k as usize).map(|s| s.state), Some(State::Archived(_)))
+    }
+
+    /// Counts keys that could be granted right now.
+    pub(crate) fn available_count(&self, now: Instant) -> usize {
+        let now = self.tick(now);
+        (0..self.slots.len() as u32).filter(|&k| self.assess(k, now) == Avail::Ok).count()
+    }
+
+    /// Counts live keys per state name.
+    pub(crate) fn state_counts(&self, now: Instant) -> HashMap<&'static str, usize> {
+        let mut out = HashMap::new();
+        for k in 0..self.slots.len() as u32 {
+            if let Some(r) = self.explain(k, now) {
+                *out.entry(r.state.name()).or_default() += 1;
+            }
+        }
+        out
+    }
+
+    /// Explains key `k`: its state and why it would be skipped now.
+    pub(crate) fn explain(&self, k: u32, now: Instant) -> Option<KeyReport> {
+        let s = self.slots.get(k as usize).filter(|s| s.live)?;
+        let now_t = self.tick(now);
+        let avail = self.assess(k, now_t);
+        let state = match s.state {
+            State::Active => KeyState::Active,
+            State::Cooling { until, .. } | State::Banned { until } if until <= now_t => KeyState::Active,
+            State::Cooling { until, reason } => KeyState::Cooling {
+                until: self.instant(until),
+                reason,
+            },
+            State::Banned { until } => KeyState::Banned {
+                until: self.instant(until),
+            },
+            State::Archived(reason) => KeyState::Archived { reason },
+            State::Disabled => KeyState::Disabled,
+        };
+        let secs = |t: Tick| Duration::from_nanos(t.saturating_sub(now_t)).as_secs_f64();
+        let skipped_because = match avail {
+            Avail::Ok => None,
+            Avail::Gone => Some(match s.state {
+                State::Disabled => "disabled by hand".to_owned(),
+                State::Archived(ArchiveReason::InvalidKey) => {
+                    "archived: the upstream refused the key as invalid (401/403); fix or rotate it, then restore".to_owned()
+                }
+                State::Archived(ArchiveReason::RateLimited) => {
+                    "archived on a rate limit (archive_on_rate_limit is on)".to_owned()
+                }
+                State::Archived(ArchiveReason::Unusable) => "archived: the usability check failed".to_owned(),
+                _ => "archived by hand".to_owned(),
+            }),
+            Avail::Until(t) => Some(match s.state {
+                State::Cooling { reason: CoolReason::RateLimited, .. } => {
+                    format!("cooling after a rate limit (429); back in {:.3}s", secs(t))
+                }
+                State::Cooling { reason: CoolReason::QuotaExhausted, .. } => {
+                    format!("quota exhausted; back in {:.3}s", secs(t))
+                }
+                State::Banned { .. } => format!(
+                    "banned after {} consecutive failures; re-admitted in {:.3}s",
+                    self.settings.ban_threshold,
+                    secs(t)
+                ),
+                _ => format!("its rate limit window is full; free again in {:.3}s", secs(t)),
+            }),
+            Avail::Release => Some(format!(
+                "at its in-flight limit ({} of {})",
+                s.in_flight, self.settings.max_in_flight
+            )),
+            Avail::Scope(sc, until) => {
+                let scope = &self.scopes[sc as usize];
+                Some(match until {
+                    Some(t) if scope.cooling_until.is_some_and(|u| u > now_t) => {
+                        format!("its quota scope '{}' is cooling; back in {:.3}s", scope.name, secs(t))
+                    }
+                    Some(t) => format!("its quota scope '{}' is at its limit; free in {:.3}s", scope.name, secs(t)),
+                    None => format!("its quota scope '{}' is at its in-flight limit", scope.name),
+                })
+            }
+        };
+        Some(KeyReport {
+            identifier: s.id.clone(),
+            state,
+            available: avail == Avail::Ok,
+            skipped_because,
+            in_flight: s.in_flight,
+            consecutive_failures: s.consecutive_failures,
+            calls: s.calls,
+            successes: s.successes,
+            failures: s.failures,
+            rate_limited: s.rate_limited,
+            learned_limit: s
+                .learned
+                .filter(|l| l.at + nanos(self.settings.learned_ttl) > now_t)
+                .map(|l| (l.limit, Duration::from_nanos(l.interval))),
+            scope: s.scope.map(|sc| self.scopes[sc as usize].name.clone()),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;

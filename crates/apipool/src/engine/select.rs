@@ -1,0 +1,345 @@
+//! Key selection structures, one per strategy. Each holds the set of keys that *may* be free; the
+//! engine validates a picked key and removes it lazily when it turns out to be blocked, so every
+//! operation here is O(1) or O(log n) whatever the pool size.
+
+use crate::config::Strategy;
+use rand::RngExt;
+use rand::rngs::SmallRng;
+use std::collections::{BTreeSet, VecDeque};
+
+const ABSENT: u32 = u32::MAX;
+
+#[derive(Debug)]
+pub(crate) enum Selector {
+    Random {
+        members: Vec<u32>,
+        pos: Vec<u32>,
+    },
+    RoundRobin {
+        queue: VecDeque<u32>,
+        queued: Vec<bool>,
+        present: Vec<bool>,
+        len: usize,
+    },
+    LeastUsed {
+        set: BTreeSet<(u32, u64, u32)>,
+        entry: Vec<Option<(u32, u64)>>,
+    },
+    Weighted {
+        tree: Vec<u64>,
+        weights: Vec<u32>,
+        total: u64,
+        len: usize,
+    },
+}
+
+impl Selector {
+    pub(crate) fn new(strategy: Strategy, capacity: usize) -> Self {
+        let mut s = match strategy {
+            Strategy::Random => Selector::Random {
+                members: Vec::new(),
+                pos: Vec::new(),
+            },
+            Strategy::RoundRobin => Selector::RoundRobin {
+                queue: VecDeque::new(),
+                queued: Vec::new(),
+                present: Vec::new(),
+                len: 0,
+            },
+            Strategy::LeastUsed => Selector::LeastUsed {
+                set: BTreeSet::new(),
+                entry: Vec::new(),
+            },
+            Strategy::Weighted => Selector::Weighted {
+                tree: Vec::new(),
+                weights: Vec::new(),
+                total: 0,
+                len: 0,
+            },
+        };
+        s.grow(capacity);
+        s
+    }
+
+    /// Makes room for key indexes below `n`.
+    pub(crate) fn grow(&mut self, n: usize) {
+        match self {
+            Selector::Random { pos, .. } => {
+                if pos.len() < n {
+                    pos.resize(n, ABSENT);
+                }
+            }
+            Selector::RoundRobin { queued, present, .. } => {
+                if present.len() < n {
+                    queued.resize(n, false);
+                    present.resize(n, false);
+                }
+            }
+            Selector::LeastUsed { entry, .. } => {
+                if entry.len() < n {
+                    entry.resize(n, None);
+                }
+            }
+            Selector::Weighted { tree, weights, .. } => {
+                if weights.len() < n {
+                    let cap = n.next_power_of_two().max(8);
+                    weights.resize(cap, 0);
+                    // Rebuild the Fenwick tree for the new size (rare: only when keys are added).
+                    *tree = vec![0; cap + 1];
+                    for (i, &w) in weights.iter().enumerate() {
+                        fenwick_add(tree, i, i64::from(w));
+                    }
+                }
+            }
+        }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            Selector::Random { members, .. } => members.len(),
+            Selector::RoundRobin { len, .. } | Selector::Weighted { len, .. } => *len,
+            Selector::LeastUsed { set, .. } => set.len(),
+        }
+    }
+
+    pub(crate) fn contains(&self, k: u32) -> bool {
+        let i = k as usize;
+        match self {
+            Selector::Random { pos, .. } => pos.get(i).is_some_and(|&p| p != ABSENT),
+            Selector::RoundRobin { present, .. } => present.get(i).copied().unwrap_or(false),
+            Selector::LeastUsed { entry, .. } => entry.get(i).is_some_and(Option::is_some),
+            Selector::Weighted { weights, .. } => weights.get(i).is_some_and(|&w| w > 0),
+        }
+    }
+
+    /// Adds key `k` (no effect if present). `in_flight`/`last_used` order `least_used`; `weight`
+    /// orders `weighted` (a zero weight counts as 1).
+    pub(crate) fn insert(&mut self, k: u32, in_flight: u32, last_used: u64, weight: u32) {
+        if self.contains(k) {
+            return;
+        }
+        self.grow(k as usize + 1);
+        let i = k as usize;
+        match self {
+            Selector::Random { members, pos } => {
+                pos[i] = u32::try_from(members.len()).unwrap_or(ABSENT);
+                members.push(k);
+            }
+            Selector::RoundRobin {
+                queue,
+                queued,
+                present,
+                len,
+            } => {
+                present[i] = true;
+                *len += 1;
+                if !queued[i] {
+                    queued[i] = true;
+                    queue.push_back(k);
+                }
+            }
+            Selector::LeastUsed { set, entry } => {
+                entry[i] = Some((in_flight, last_used));
+                set.insert((in_flight, last_used, k));
+            }
+            Selector::Weighted {
+                tree,
+                weights,
+                total,
+                len,
+            } => {
+                let w = weight.max(1);
+                weights[i] = w;
+                *total += u64::from(w);
+                *len += 1;
+                fenwick_add(tree, i, i64::from(w));
+            }
+        }
+    }
+
+    pub(crate) fn remove(&mut self, k: u32) {
+        if !self.contains(k) {
+            return;
+        }
+        let i = k as usize;
+        match self {
+            Selector::Random { members, pos } => {
+                let p = pos[i] as usize;
+                members.swap_remove(p);
+                if let Some(&moved) = members.get(p) {
+                    pos[moved as usize] = u32::try_from(p).unwrap_or(ABSENT);
+                }
+                pos[i] = ABSENT;
+            }
+            Selector::RoundRobin { present, len, .. } => {
+                // Stays in the queue; dropped lazily when it reaches the front.
+                present[i] = false;
+                *len -= 1;
+            }
+            Selector::LeastUsed { set, entry } => {
+                if let Some((f, l)) = entry[i].take() {
+                    set.remove(&(f, l, k));
+                }
+            }
+            Selector::Weighted {
+                tree,
+                weights,
+                total,
+                len,
+            } => {
+                let w = weights[i];
+                weights[i] = 0;
+                *total -= u64::from(w);
+                *len -= 1;
+                fenwick_add(tree, i, -i64::from(w));
+            }
+        }
+    }
+
+    /// Picks a candidate without removing it (round robin rotates it to the back).
+    pub(crate) fn pick(&mut self, rng: &mut SmallRng) -> Option<u32> {
+        match self {
+            Selector::Random { members, .. } => {
+                if members.is_empty() {
+                    None
+                } else {
+                    Some(members[rng.random_range(0..members.len())])
+                }
+            }
+            Selector::RoundRobin {
+                queue,
+                queued,
+                present,
+                len,
+            } => {
+                if *len == 0 {
+                    return None;
+                }
+                while let Some(k) = queue.pop_front() {
+                    if present[k as usize] {
+                        queue.push_back(k);
+                        return Some(k);
+                    }
+                    queued[k as usize] = false;
+                }
+                None
+            }
+            Selector::LeastUsed { set, .. } => set.first().map(|&(_, _, k)| k),
+            Selector::Weighted { tree, total, .. } => {
+                if *total == 0 {
+                    return None;
+                }
+                let target = rng.random_range(0..*total);
+                Some(fenwick_find(tree, target))
+            }
+        }
+    }
+
+    /// Updates a present key's `least_used` ordering.
+    pub(crate) fn touch(&mut self, k: u32, in_flight: u32, last_used: u64) {
+        if let Selector::LeastUsed { set, entry } = self {
+            if let Some(e) = entry.get_mut(k as usize).and_then(Option::as_mut) {
+                set.remove(&(e.0, e.1, k));
+                *e = (in_flight, last_used);
+                set.insert((in_flight, last_used, k));
+            }
+        }
+    }
+}
+
+fn fenwick_add(tree: &mut [u64], i: usize, delta: i64) {
+    let mut j = i + 1;
+    while j < tree.len() {
+        tree[j] = tree[j].wrapping_add_signed(delta);
+        j += j & j.wrapping_neg();
+    }
+}
+
+/// The index whose cumulative weight range holds `target` (0 ≤ target < total).
+fn fenwick_find(tree: &[u64], mut target: u64) -> u32 {
+    let n = tree.len() - 1;
+    let mut pos = 0usize;
+    let mut step = n.next_power_of_two();
+    while step > 0 {
+        let next = pos + step;
+        if next <= n && tree[next] <= target {
+            pos = next;
+            target -= tree[next];
+        }
+        step >>= 1;
+    }
+    u32::try_from(pos).unwrap_or(u32::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    fn all(strategy: Strategy) -> Selector {
+        let mut s = Selector::new(strategy, 0);
+        for k in 0..5 {
+            s.insert(k, 0, 0, k + 1);
+        }
+        s
+    }
+
+    #[test]
+    fn insert_remove_contains_for_every_strategy() {
+        let mut rng = SmallRng::seed_from_u64(1);
+        for strategy in [Strategy::Random, Strategy::RoundRobin, Strategy::LeastUsed, Strategy::Weighted] {
+            let mut s = all(strategy);
+            assert_eq!(s.len(), 5);
+            s.remove(2);
+            s.remove(2);
+            assert!(!s.contains(2));
+            assert_eq!(s.len(), 4);
+            for _ in 0..200 {
+                let k = s.pick(&mut rng).unwrap();
+                assert_ne!(k, 2, "{strategy:?} picked a removed key");
+            }
+            s.insert(2, 0, 0, 3);
+            s.insert(2, 0, 0, 3);
+            assert_eq!(s.len(), 5);
+            for k in 0..5 {
+                s.remove(k);
+            }
+            assert_eq!(s.pick(&mut rng), None);
+        }
+    }
+
+    #[test]
+    fn round_robin_cycles_in_order() {
+        let mut rng = SmallRng::seed_from_u64(1);
+        let mut s = all(Strategy::RoundRobin);
+        let picks: Vec<u32> = (0..10).map(|_| s.pick(&mut rng).unwrap()).collect();
+        assert_eq!(picks, vec![0, 1, 2, 3, 4, 0, 1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn weighted_follows_weights() {
+        let mut rng = SmallRng::seed_from_u64(7);
+        let mut s = all(Strategy::Weighted); // weights 1..=5, total 15
+        let mut counts = [0u32; 5];
+        for _ in 0..150_000 {
+            counts[s.pick(&mut rng).unwrap() as usize] += 1;
+        }
+        for (k, &c) in counts.iter().enumerate() {
+            let expected = 150_000.0 * (k as f64 + 1.0) / 15.0;
+            assert!((f64::from(c) - expected).abs() < expected * 0.05, "key {k}: {c} vs {expected}");
+        }
+    }
+
+    #[test]
+    fn least_used_prefers_fewest_in_flight_then_oldest() {
+        let mut rng = SmallRng::seed_from_u64(1);
+        let mut s = Selector::new(Strategy::LeastUsed, 3);
+        s.insert(0, 2, 1, 1);
+        s.insert(1, 1, 5, 1);
+        s.insert(2, 1, 3, 1);
+        assert_eq!(s.pick(&mut rng), Some(2));
+        s.touch(2, 2, 9);
+        assert_eq!(s.pick(&mut rng), Some(1));
+    }
+}

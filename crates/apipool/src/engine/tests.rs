@@ -1,0 +1,448 @@
+//! Engine tests on a hand-driven clock: every time is an explicit `Instant`.
+
+use super::*;
+
+fn t0() -> Instant {
+    Instant::now()
+}
+
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+fn engine(n: u32, strategy: Strategy, settings: Settings, origin: Instant) -> Engine {
+    let mut e = Engine::new(settings, strategy, Some(42), origin);
+    for i in 0..n {
+        e.add_key(Arc::from(format!("k{i}")), 1, None, origin);
+    }
+    e
+}
+
+fn grant(e: &mut Engine, now: Instant) -> LeaseToken {
+    match e.acquire(now, &[]) {
+        Acquire::Granted(t) => t,
+        other => panic!("expected a lease, got {other:?}"),
+    }
+}
+
+#[test]
+fn round_robin_visits_every_key_in_turn() {
+    let o = t0();
+    let mut e = engine(4, Strategy::RoundRobin, Settings::default(), o);
+    let picks: Vec<u32> = (0..8)
+        .map(|_| {
+            let t = grant(&mut e, o);
+            e.report(t, Some(Outcome::Success), o);
+            t.idx
+        })
+        .collect();
+    assert_eq!(picks, vec![0, 1, 2, 3, 0, 1, 2, 3]);
+}
+
+#[test]
+fn random_is_roughly_uniform() {
+    let o = t0();
+    let mut e = engine(5, Strategy::Random, Settings::default(), o);
+    let mut counts = [0u32; 5];
+    for _ in 0..50_000 {
+        let t = grant(&mut e, o);
+        counts[t.idx as usize] += 1;
+        e.report(t, Some(Outcome::Success), o);
+    }
+    for c in counts {
+        assert!((9_000..11_000).contains(&c), "{counts:?}");
+    }
+}
+
+#[test]
+fn least_used_spreads_in_flight_calls() {
+    let o = t0();
+    let mut e = engine(3, Strategy::LeastUsed, Settings::default(), o);
+    let held: Vec<LeaseToken> = (0..6).map(|_| grant(&mut e, o)).collect();
+    let mut per_key = [0; 3];
+    for t in &held {
+        per_key[t.idx as usize] += 1;
+    }
+    assert_eq!(per_key, [2, 2, 2]);
+    // Free one call on key 1: it now has the fewest in flight and is picked next.
+    let on_key1 = *held.iter().find(|t| t.idx == 1).unwrap();
+    e.report(on_key1, Some(Outcome::Success), o);
+    assert_eq!(grant(&mut e, o).idx, 1);
+}
+
+#[test]
+fn weighted_follows_weights() {
+    let o = t0();
+    let mut e = Engine::new(Settings::default(), Strategy::Weighted, Some(3), o);
+    e.add_key(Arc::from("light"), 1, None, o);
+    e.add_key(Arc::from("heavy"), 3, None, o);
+    let mut heavy = 0;
+    for _ in 0..40_000 {
+        let t = grant(&mut e, o);
+        heavy += t.idx;
+        e.report(t, Some(Outcome::Success), o);
+    }
+    assert!((29_000..31_000).contains(&heavy), "heavy picked {heavy} of 40000");
+}
+
+#[test]
+fn rate_limit_cools_the_key_and_it_comes_back_by_itself() {
+    let o = t0();
+    let mut e = engine(1, Strategy::Random, Settings::default(), o);
+    let t = grant(&mut e, o);
+    e.report(t, Some(Outcome::rate_limited(Some(ms(1500)))), o);
+    let r = e.explain(0, o).unwrap();
+    assert!(matches!(r.state, KeyState::Cooling { reason: CoolReason::RateLimited, .. }));
+    assert!(r.skipped_because.unwrap().contains("rate limit"));
+    match e.acquire(o + ms(10), &[]) {
+        Acquire::Wait { until: Some(u) } => assert_eq!(u, o + ms(1500)),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(grant(&mut e, o + ms(1500)).idx, 0);
+    assert_eq!(e.explain(0, o + ms(1500)).unwrap().state, KeyState::Active);
+}
+
+#[test]
+fn rate_limit_without_retry_after_uses_the_default_cooldown() {
+    let o = t0();
+    let settings = Settings {
+        default_cooldown: ms(700),
+        ..Settings::default()
+    };
+    let mut e = engine(1, Strategy::Random, settings, o);
+    let t = grant(&mut e, o);
+    e.report(t, Some(Outcome::rate_limited(None)), o);
+    assert_eq!(e.acquire(o, &[]), Acquire::Wait { until: Some(o + ms(700)) });
+}
+
+#[test]
+fn seed_behaviour_archives_on_rate_limit_when_asked() {
+    let o = t0();
+    let settings = Settings {
+        archive_on_rate_limit: true,
+        ..Settings::default()
+    };
+    let mut e = engine(1, Strategy::Random, settings, o);
+    let t = grant(&mut e, o);
+    e.report(t, Some(Outcome::rate_limited(Some(ms(10)))), o);
+    assert_eq!(e.acquire(o + ms(3_600_000), &[]), Acquire::NoUsableKeys);
+}
+
+#[test]
+fn ban_at_threshold_then_readmission() {
+    let o = t0();
+    let settings = Settings {
+        ban_threshold: 3,
+        ban_duration: Duration::from_secs(300),
+        ..Settings::default()
+    };
+    let mut e = engine(2, Strategy::RoundRobin, settings, o);
+    // Two failures on key 0, a success in between resets the count.
+    for outcome in [Outcome::Failed, Outcome::Failed, Outcome::Success, Outcome::Failed, Outcome::Timeout] {
+        let t = grant(&mut e, o);
+        assert_eq!(t.idx, 0);
+        e.report(t, Some(outcome), o);
+        let t = grant(&mut e, o);
+        assert_eq!(t.idx, 1);
+        e.report(t, Some(Outcome::Success), o);
+    }
+    assert_eq!(e.explain(0, o).unwrap().consecutive_failures, 2);
+    let t = grant(&mut e, o);
+    e.report(t, Some(Outcome::Failed), o);
+    let r = e.explain(0, o).unwrap();
+    assert!(matches!(r.state, KeyState::Banned { .. }), "{r:?}");
+    assert!(r.skipped_because.unwrap().contains("banned after 3 consecutive failures"));
+    for _ in 0..5 {
+        let t = grant(&mut e, o + ms(1000));
+        assert_eq!(t.idx, 1, "a banned key is skipped");
+        e.report(t, Some(Outcome::Success), o);
+    }
+    let later = o + Duration::from_secs(300);
+    let r = e.explain(0, later).unwrap();
+    assert_eq!(r.state, KeyState::Active);
+    assert!(r.available);
+    let picks: Vec<u32> = (0..2)
+        .map(|_| {
+            let t = grant(&mut e, later);
+            e.report(t, Some(Outcome::Success), later);
+            t.idx
+        })
+        .collect();
+    assert!(picks.contains(&0), "re-admitted after the ban: {picks:?}");
+    assert_eq!(e.explain(0, later).unwrap().consecutive_failures, 0);
+}
+
+#[test]
+fn not_key_related_does_not_punish() {
+    let o = t0();
+    let settings = Settings {
+        ban_threshold: 1,
+        ..Settings::default()
+    };
+    let mut e = engine(1, Strategy::Random, settings, o);
+    for _ in 0..10 {
+        let t = grant(&mut e, o);
+        e.report(t, Some(Outcome::NotKeyRelated), o);
+    }
+    assert_eq!(e.explain(0, o).unwrap().state, KeyState::Active);
+}
+
+#[test]
+fn invalid_key_is_archived_until_reset() {
+    let o = t0();
+    let mut e = engine(2, Strategy::RoundRobin, Settings::default(), o);
+    let t = grant(&mut e, o);
+    assert_eq!(t.idx, 0);
+    e.report(t, Some(Outcome::InvalidKey), o);
+    let r = e.explain(0, o).unwrap();
+    assert_eq!(
+        r.state,
+        KeyState::Archived {
+            reason: ArchiveReason::InvalidKey
+        }
+    );
+    assert!(r.skipped_because.unwrap().contains("invalid"));
+    for _ in 0..4 {
+        assert_eq!(grant(&mut e, o + Duration::from_secs(86_400)).idx, 1);
+    }
+    e.reset(0, o);
+    assert_eq!(e.explain(0, o).unwrap().state, KeyState::Active);
+}
+
+#[test]
+fn disabled_keys_are_skipped_until_enabled_and_all_gone_means_no_usable_keys() {
+    let o = t0();
+    let mut e = engine(2, Strategy::Random, Settings::default(), o);
+    e.disable(0);
+    e.disable(1);
+    assert_eq!(e.acquire(o, &[]), Acquire::NoUsableKeys);
+    assert_eq!(e.explain(1, o).unwrap().skipped_because.as_deref(), Some("disabled by hand"));
+    e.enable(1, o);
+    assert_eq!(grant(&mut e, o).idx, 1);
+}
+
+#[test]
+fn configured_window_is_never_exceeded_and_wait_time_is_exact() {
+    let o = t0();
+    let lim = RateLimit::per_second(3).unwrap().with_margin(Duration::ZERO);
+    let settings = Settings {
+        limits: vec![lim],
+        ..Settings::default()
+    };
+    let mut e = engine(1, Strategy::Random, settings, o);
+    for i in 0..3 {
+        let t = grant(&mut e, o + ms(i * 100));
+        e.report(t, Some(Outcome::Success), o + ms(i * 100 + 5));
+    }
+    // Fourth call in the same second must wait until the first leaves the window.
+    assert_eq!(e.acquire(o + ms(300), &[]), Acquire::Wait { until: Some(o + ms(1000)) });
+    assert!(e.explain(0, o + ms(300)).unwrap().skipped_because.unwrap().contains("window is full"));
+    assert_eq!(grant(&mut e, o + ms(1000)).idx, 0);
+    assert_eq!(e.acquire(o + ms(1000), &[]), Acquire::Wait { until: Some(o + ms(1100)) });
+}
+
+#[test]
+fn several_windows_combine() {
+    let o = t0();
+    let settings = Settings {
+        limits: vec![
+            RateLimit::per_second(2).unwrap().with_margin(Duration::ZERO),
+            RateLimit::per_minute(3).unwrap().with_margin(Duration::ZERO),
+        ],
+        ..Settings::default()
+    };
+    let mut e = engine(1, Strategy::Random, settings, o);
+    grant(&mut e, o);
+    grant(&mut e, o);
+    assert_eq!(e.acquire(o, &[]), Acquire::Wait { until: Some(o + ms(1000)) });
+    grant(&mut e, o + ms(1000));
+    // Per-minute window (3) is now full until the first call is a minute old.
+    assert_eq!(e.acquire(o + ms(1000), &[]), Acquire::Wait { until: Some(o + ms(60_000)) });
+}
+
+#[test]
+fn max_in_flight_waits_for_a_release() {
+    let o = t0();
+    let settings = Settings {
+        max_in_flight: 2,
+        ..Settings::default()
+    };
+    let mut e = engine(1, Strategy::Random, settings, o);
+    let a = grant(&mut e, o);
+    let _b = grant(&mut e, o);
+    assert_eq!(e.acquire(o, &[]), Acquire::Wait { until: None });
+    assert!(e.explain(0, o).unwrap().skipped_because.unwrap().contains("in-flight limit"));
+    e.report(a, None, o);
+    grant(&mut e, o);
+}
+
+#[test]
+fn avoid_prefers_other_keys_but_falls_back() {
+    let o = t0();
+    let mut e = engine(3, Strategy::Random, Settings::default(), o);
+    for _ in 0..200 {
+        let t = match e.acquire(o, &[0, 1]) {
+            Acquire::Granted(t) => t,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(t.idx, 2);
+        e.report(t, Some(Outcome::Success), o);
+    }
+    e.disable(2);
+    let t = match e.acquire(o, &[0, 1]) {
+        Acquire::Granted(t) => t,
+        other => panic!("{other:?}"),
+    };
+    assert!(t.idx < 2, "falls back to an avoided key rather than wait");
+}
+
+#[test]
+fn learns_the_limit_from_a_429_and_stops_hammering() {
+    let o = t0();
+    let mut e = engine(1, Strategy::Random, Settings::default(), o);
+    // The upstream allows 5 per second. Five successes, then a 429 saying "free at t=1s".
+    for i in 0..5 {
+        let t = grant(&mut e, o + ms(i * 10));
+        e.report(t, Some(Outcome::Success), o + ms(i * 10 + 5));
+    }
+    let t = grant(&mut e, o + ms(60));
+    e.report(t, Some(Outcome::rate_limited(Some(ms(940)))), o + ms(60));
+    let r = e.explain(0, o + ms(60)).unwrap();
+    let (limit, window) = r.learned_limit.expect("a limit is learned");
+    assert_eq!(limit, 5);
+    assert!(window >= ms(1000) && window <= ms(1030), "{window:?}");
+    // From the cooldown's end the key is paced to 5 per learned window: no burst of 429s.
+    let mut granted = 0;
+    let mut now = o + ms(1000);
+    while now < o + ms(1990) {
+        if let Acquire::Granted(t) = e.acquire(now, &[]) {
+            granted += 1;
+            e.report(t, Some(Outcome::Success), now);
+        }
+        now += ms(1);
+    }
+    assert!(granted <= 5, "granted {granted} in the second window");
+    assert!(granted >= 4, "granted only {granted}");
+}
+
+#[test]
+fn late_success_reports_from_the_learning_epoch_still_count() {
+    let o = t0();
+    let mut e = engine(1, Strategy::Random, Settings::default(), o);
+    let early: Vec<LeaseToken> = (0..4).map(|i| grant(&mut e, o + ms(i))).collect();
+    e.report(early[0], Some(Outcome::Success), o + ms(10));
+    let t = grant(&mut e, o + ms(11));
+    e.report(t, Some(Outcome::rate_limited(Some(ms(989)))), o + ms(12));
+    for t in &early[1..] {
+        e.report(*t, Some(Outcome::Success), o + ms(20));
+    }
+    assert_eq!(e.explain(0, o + ms(20)).unwrap().learned_limit.unwrap().0, 4);
+}
+
+#[test]
+fn scope_cools_when_several_keys_are_refused_together() {
+    let o = t0();
+    let mut e = Engine::new(Settings::default(), Strategy::RoundRobin, Some(1), o);
+    e.add_key(Arc::from("a1"), 1, Some("acct"), o);
+    e.add_key(Arc::from("a2"), 1, Some("acct"), o);
+    e.add_key(Arc::from("a3"), 1, Some("acct"), o);
+    e.add_key(Arc::from("b1"), 1, None, o);
+    let t1 = grant(&mut e, o);
+    let t2 = grant(&mut e, o);
+    e.report(t1, Some(Outcome::rate_limited(Some(ms(5000)))), o);
+    e.report(t2, Some(Outcome::rate_limited(Some(ms(5000)))), o + ms(100));
+    // a3 was never refused, but its scope is cooling: only b1 serves.
+    for _ in 0..4 {
+        let t = grant(&mut e, o + ms(200));
+        assert_eq!(t.idx, 3);
+        e.report(t, Some(Outcome::Success), o + ms(200));
+    }
+    let r = e.explain(2, o + ms(200)).unwrap();
+    assert!(r.skipped_because.unwrap().contains("scope 'acct' is cooling"));
+    assert_eq!(r.state, KeyState::Active, "the key itself is not punished");
+    let later = o + ms(5200);
+    let picks: Vec<u32> = (0..4).map(|_| grant(&mut e, later).idx).collect();
+    assert!(picks.contains(&2), "scope restored: {picks:?}");
+}
+
+#[test]
+fn scope_wide_marker_cools_the_scope_at_once_and_scope_limits_hold() {
+    let o = t0();
+    let mut e = Engine::new(Settings::default(), Strategy::RoundRobin, Some(1), o);
+    e.define_scope("acct", vec![RateLimit::per_second(3).unwrap().with_margin(Duration::ZERO)], 0);
+    for name in ["a1", "a2"] {
+        e.add_key(Arc::from(name), 1, Some("acct"), o);
+    }
+    // Scope limit 3/s across both keys.
+    for _ in 0..3 {
+        grant(&mut e, o);
+    }
+    assert_eq!(e.acquire(o, &[]), Acquire::Wait { until: Some(o + ms(1000)) });
+    let t = grant(&mut e, o + ms(1000));
+    e.report(
+        t,
+        Some(Outcome::RateLimited {
+            retry_after: Some(ms(2000)),
+            scope_wide: true,
+        }),
+        o + ms(1000),
+    );
+    assert_eq!(e.acquire(o + ms(1001), &[]), Acquire::Wait { until: Some(o + ms(3000)) });
+}
+
+#[test]
+fn removed_keys_ignore_late_reports_and_slots_are_reused() {
+    let o = t0();
+    let mut e = engine(2, Strategy::RoundRobin, Settings::default(), o);
+    let t = grant(&mut e, o);
+    assert_eq!(t.idx, 0);
+    e.remove_key(0);
+    e.report(t, Some(Outcome::Failed), o);
+    assert_eq!(e.len(), 1);
+    assert_eq!(e.in_flight(), 0);
+    let idx = e.add_key(Arc::from("new"), 1, None, o);
+    assert_eq!(idx, 0);
+    let r = e.explain(0, o).unwrap();
+    assert_eq!(&*r.identifier, "new");
+    assert_eq!(r.failures, 0);
+}
+
+#[test]
+fn strategy_switch_keeps_membership() {
+    let o = t0();
+    let mut e = engine(3, Strategy::Random, Settings::default(), o);
+    e.disable(1);
+    e.set_strategy(Strategy::RoundRobin);
+    let picks: Vec<u32> = (0..4).map(|_| grant(&mut e, o).idx).collect();
+    assert_eq!(picks, vec![0, 2, 0, 2]);
+}
+
+#[test]
+fn exhausted_pool_reports_the_earliest_free_time() {
+    let o = t0();
+    let mut e = engine(2, Strategy::Random, Settings::default(), o);
+    let a = grant(&mut e, o);
+    let b = grant(&mut e, o);
+    let (first, second) = if a.idx == 0 { (a, b) } else { (b, a) };
+    e.report(first, Some(Outcome::rate_limited(Some(ms(3000)))), o);
+    e.report(second, Some(Outcome::rate_limited(Some(ms(2000)))), o);
+    assert_eq!(e.acquire(o, &[]), Acquire::Wait { until: Some(o + ms(2000)) });
+}
+
+#[test]
+fn apply_settings_keeps_history() {
+    let o = t0();
+    let mut e = engine(1, Strategy::Random, Settings::default(), o);
+    e.apply_settings(Settings {
+        limits: vec![RateLimit::per_second(100).unwrap().with_margin(Duration::ZERO)],
+        ..Settings::default()
+    });
+    for _ in 0..3 {
+        grant(&mut e, o);
+    }
+    e.apply_settings(Settings {
+        limits: vec![RateLimit::per_second(3).unwrap().with_margin(Duration::ZERO)],
+        ..Settings::default()
+    });
+    assert_eq!(e.acquire(o, &[]), Acquire::Wait { until: Some(o + ms(1000)) });
+}
