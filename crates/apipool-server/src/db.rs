@@ -1,0 +1,222 @@
+//! Database access: one `sqlx::AnyPool` over SQLite (default) or PostgreSQL.
+//!
+//! Every query is written once in a dialect both backends accept: `$1` placeholders, `INTEGER`
+//! booleans (0/1) and unix-millisecond timestamps, JSON stored as text. Migrations live per backend
+//! in `migrations/sqlite` and `migrations/postgres`.
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use anyhow::Context;
+use sqlx::any::{AnyArguments, AnyPoolOptions};
+use sqlx::query::Query;
+use sqlx::{Any, AnyPool};
+
+/// Which database engine a [`Db`] talks to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DbKind {
+    /// SQLite file (the zero set-up default).
+    Sqlite,
+    /// PostgreSQL.
+    Postgres,
+}
+
+/// A connection pool plus the backend kind.
+#[derive(Debug, Clone)]
+pub struct Db {
+    /// The pool.
+    pub pool: AnyPool,
+    /// Which backend.
+    pub kind: DbKind,
+}
+
+/// Maximum number of bind parameters used in one multi-row statement (below SQLite's 32766 and
+/// PostgreSQL's 65535).
+pub const MAX_BIND_PARAMS: usize = 30_000;
+
+impl Db {
+    /// The SQLite URL for a file path (created when missing).
+    pub fn sqlite_url(path: &Path) -> String {
+        format!("sqlite://{}?mode=rwc", path.display())
+    }
+
+    /// Connects and runs the migrations.
+    pub async fn connect(url: &str, max_connections: u32) -> anyhow::Result<Self> {
+        sqlx::any::install_default_drivers();
+        let kind = if url.starts_with("sqlite:") {
+            DbKind::Sqlite
+        } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            DbKind::Postgres
+        } else {
+            anyhow::bail!(
+                "unsupported database URL scheme (use sqlite://PATH or postgres://USER@HOST/DB)"
+            );
+        };
+        let pool = AnyPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(Duration::from_secs(30))
+            .connect(url)
+            .await
+            .with_context(|| format!("cannot connect to the {kind:?} database"))?;
+        let db = Self { pool, kind };
+        if kind == DbKind::Sqlite {
+            // WAL lets readers continue while a writer (an import, a key rotation) holds the lock;
+            // the setting is persistent in the file.
+            sqlx::query("PRAGMA journal_mode=WAL")
+                .execute(&db.pool)
+                .await
+                .context("cannot switch SQLite to WAL mode")?;
+        }
+        db.migrate().await?;
+        Ok(db)
+    }
+
+    /// Runs the migrations of this backend.
+    pub async fn migrate(&self) -> anyhow::Result<()> {
+        match self.kind {
+            DbKind::Sqlite => sqlx::migrate!("migrations/sqlite").run(&self.pool).await,
+            DbKind::Postgres => sqlx::migrate!("migrations/postgres").run(&self.pool).await,
+        }
+        .context("database migrations failed")
+    }
+
+    /// `SELECT 1`: is the database reachable?
+    pub async fn ping(&self) -> bool {
+        sqlx::query("SELECT 1").execute(&self.pool).await.is_ok()
+    }
+}
+
+/// An owned bind parameter, so dynamic SQL can be assembled first and bound afterwards.
+#[derive(Debug, Clone)]
+pub enum Param {
+    /// TEXT
+    Text(String),
+    /// nullable TEXT
+    OptText(Option<String>),
+    /// INTEGER / BIGINT
+    Int(i64),
+    /// nullable INTEGER / BIGINT
+    OptInt(Option<i64>),
+    /// BLOB / BYTEA
+    Bytes(Vec<u8>),
+}
+
+impl From<String> for Param {
+    fn from(v: String) -> Self {
+        Self::Text(v)
+    }
+}
+impl From<&str> for Param {
+    fn from(v: &str) -> Self {
+        Self::Text(v.to_owned())
+    }
+}
+impl From<Option<String>> for Param {
+    fn from(v: Option<String>) -> Self {
+        Self::OptText(v)
+    }
+}
+impl From<i64> for Param {
+    fn from(v: i64) -> Self {
+        Self::Int(v)
+    }
+}
+impl From<bool> for Param {
+    fn from(v: bool) -> Self {
+        Self::Int(i64::from(v))
+    }
+}
+impl From<Option<i64>> for Param {
+    fn from(v: Option<i64>) -> Self {
+        Self::OptInt(v)
+    }
+}
+impl From<Vec<u8>> for Param {
+    fn from(v: Vec<u8>) -> Self {
+        Self::Bytes(v)
+    }
+}
+
+/// Binds parameters in order.
+pub fn bind_all<'q>(
+    mut q: Query<'q, Any, AnyArguments>,
+    params: Vec<Param>,
+) -> Query<'q, Any, AnyArguments> {
+    for p in params {
+        q = match p {
+            Param::Text(v) => q.bind(v),
+            Param::OptText(v) => q.bind(v),
+            Param::Int(v) => q.bind(v),
+            Param::OptInt(v) => q.bind(v),
+            Param::Bytes(v) => q.bind(v),
+        };
+    }
+    q
+}
+
+/// Assembles SQL with `$n` placeholders and the matching parameters.
+#[derive(Debug, Default)]
+pub struct Sql {
+    /// The SQL text so far.
+    pub text: String,
+    /// Parameters, in placeholder order.
+    pub params: Vec<Param>,
+}
+
+impl Sql {
+    /// Starts with fixed text.
+    pub fn new(text: &str) -> Self {
+        Self {
+            text: text.to_owned(),
+            params: Vec::new(),
+        }
+    }
+
+    /// Appends raw SQL text.
+    pub fn push(&mut self, text: &str) -> &mut Self {
+        self.text.push_str(text);
+        self
+    }
+
+    /// Appends a placeholder bound to `value`.
+    pub fn bind(&mut self, value: impl Into<Param>) -> &mut Self {
+        self.params.push(value.into());
+        self.text.push('$');
+        self.text.push_str(&self.params.len().to_string());
+        self
+    }
+
+    /// The query, ready to execute.
+    pub fn into_query(self) -> Query<'static, Any, AnyArguments> {
+        bind_all(sqlx::query(sqlx::AssertSqlSafe(self.text)), self.params)
+    }
+}
+
+/// Escapes `%`, `_` and `\` for use in `LIKE ... ESCAPE '\'`.
+pub fn like_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    for c in s.chars() {
+        if matches!(c, '%' | '_' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Is this a unique-constraint violation?
+pub fn is_unique_violation(err: &sqlx::Error) -> bool {
+    matches!(err, sqlx::Error::Database(e) if e.is_unique_violation())
+}
+
+impl FromStr for DbKind {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "sqlite" => Ok(Self::Sqlite),
+            "postgres" => Ok(Self::Postgres),
+            other => anyhow::bail!("unknown database kind {other}"),
+        }
+    }
+}

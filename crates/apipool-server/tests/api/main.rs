@@ -1,0 +1,13 @@
+//! Integration tests: the real app on a random port, on SQLite and on PostgreSQL.
+//! Run: `cargo nextest run --workspace -E 'package(apipool-server)'`
+//! (PostgreSQL at APIPOOL_TEST_POSTGRES_URL, default postgres://postgres@127.0.0.1:5432/test).
+
+mod auth;
+mod health;
+mod helpers;
+mod import;
+mod keys;
+mod pools;
+mod rotation;
+mod secrets;
+mod users;
