@@ -94,10 +94,13 @@ impl RateLimit {
         if interval.is_zero() {
             return Err(ConfigError::new("rate_limit_interval", "must be longer than zero"));
         }
-        // Calls reach the upstream a little after the pool grants them; a small margin keeps jitter
-        // in delivery from pushing N+1 calls into one upstream window. 1% of the window, 2–25 ms.
-        let margin = (interval / 100).clamp(Duration::from_millis(2), Duration::from_millis(25));
-        Ok(Self { limit, interval, margin: margin.min(interval) })
+        // The engine counts each call at its completion, which is never earlier than the upstream
+        // saw it, so no safety margin is needed by default.
+        Ok(Self {
+            limit,
+            interval,
+            margin: Duration::ZERO,
+        })
     }
 
     /// `limit` calls per `interval_secs` seconds (the seed's `rate_limit` / `rate_limit_interval`).
@@ -120,7 +123,8 @@ impl RateLimit {
         Self::new(limit, Duration::from_secs(86_400))
     }
 
-    /// Replaces the safety margin added to the window (default: 1% of the interval, 2–25 ms).
+    /// Adds a safety margin to the window (default none), e.g. for clock differences between
+    /// the upstream's hosts.
     #[must_use]
     pub fn with_margin(mut self, margin: Duration) -> Self {
         self.margin = margin;
@@ -387,8 +391,8 @@ mod tests {
         assert!(RateLimit::new(0, Duration::from_secs(1)).is_err());
         assert!(RateLimit::new(1, Duration::ZERO).is_err());
         let r = RateLimit::per_second(20).unwrap();
-        assert_eq!(r.effective_interval(), Duration::from_millis(1010));
-        let d = RateLimit::per_day(1000).unwrap();
-        assert_eq!(d.effective_interval(), Duration::from_secs(86_400) + Duration::from_millis(25));
+        assert_eq!(r.effective_interval(), Duration::from_secs(1));
+        let d = RateLimit::per_day(1000).unwrap().with_margin(Duration::from_millis(5));
+        assert_eq!(d.effective_interval(), Duration::from_secs(86_400) + Duration::from_millis(5));
     }
 }

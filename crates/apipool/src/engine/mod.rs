@@ -273,15 +273,48 @@ impl fmt::Debug for Engine {
     }
 }
 
-fn window_block(log: &VecDeque<Tick>, limit: u32, interval: Tick, now: Tick) -> Option<Tick> {
+/// Whether a sliding window of `limit` calls per `interval` has room at `now`.
+///
+/// `log` holds the *completion* times of finished calls (sorted) and `in_flight` the calls not yet
+/// finished. A call reaches the upstream somewhere between its grant and its completion, so
+/// counting finished calls at completion and unfinished ones as "now" can never undercount what
+/// the upstream saw in any window, whatever the delivery jitter.
+fn window_block(log: &VecDeque<Tick>, limit: u32, interval: Tick, in_flight: u32, now: Tick) -> Block {
     let limit = limit as usize;
-    let n = log.len();
-    if limit == 0 || n < limit {
-        return None;
+    let in_flight = in_flight as usize;
+    if limit == 0 {
+        return Block::Free;
     }
-    // The limit-th most recent call leaves the window at `t`; until then the window is full.
-    let t = log[n - limit].saturating_add(interval);
-    (t > now).then_some(t)
+    if in_flight >= limit {
+        return Block::Release;
+    }
+    // Finished calls that may still be in the window; room needs fewer than `limit - in_flight`.
+    let room = limit - in_flight;
+    let n = log.len();
+    if n < room {
+        return Block::Free;
+    }
+    let t = log[n - room].saturating_add(interval);
+    if t > now { Block::Until(t) } else { Block::Free }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Block {
+    Free,
+    Until(Tick),
+    Release,
+}
+
+/// Appends a completion time, keeping the log sorted and at most `cap` long.
+fn log_push(log: &mut VecDeque<Tick>, t: Tick, cap: usize) {
+    if cap == 0 {
+        return;
+    }
+    let pos = log.iter().rposition(|&x| x <= t).map_or(0, |p| p + 1);
+    log.insert(pos, t);
+    while log.len() > cap {
+        log.pop_front();
+    }
 }
 
 fn nanos(d: Duration) -> Tick {
@@ -552,15 +585,17 @@ impl Engine {
         if self.settings.max_in_flight > 0 && s.in_flight >= self.settings.max_in_flight {
             return Avail::Release;
         }
-        let mut until = None;
+        let mut block = Block::Free;
         for lim in &self.settings.limits {
-            until = until.max(window_block(&s.log, lim.limit(), nanos(lim.effective_interval()), now));
+            block = block.max(window_block(&s.log, lim.limit(), nanos(lim.effective_interval()), s.in_flight, now));
         }
         if let Some(l) = s.learned.filter(|l| l.at + nanos(self.settings.learned_ttl) > now) {
-            until = until.max(window_block(&s.log, l.limit, l.interval, now));
+            block = block.max(window_block(&s.log, l.limit, l.interval, s.in_flight, now));
         }
-        if let Some(t) = until {
-            return Avail::Until(t);
+        match block {
+            Block::Free => {}
+            Block::Until(t) => return Avail::Until(t),
+            Block::Release => return Avail::Release,
         }
         if let Some(sc) = s.scope {
             let scope = &self.scopes[sc as usize];
@@ -570,12 +605,15 @@ impl Engine {
             if scope.max_in_flight > 0 && scope.in_flight >= scope.max_in_flight {
                 return Avail::Scope(sc, None);
             }
-            let mut until = None;
+            let mut block = Block::Free;
             for lim in &scope.limits {
-                until = until.max(window_block(&scope.log, lim.limit(), nanos(lim.effective_interval()), now));
+                let interval = nanos(lim.effective_interval());
+                block = block.max(window_block(&scope.log, lim.limit(), interval, scope.in_flight, now));
             }
-            if until.is_some() {
-                return Avail::Scope(sc, until);
+            match block {
+                Block::Free => {}
+                Block::Until(t) => return Avail::Scope(sc, Some(t)),
+                Block::Release => return Avail::Scope(sc, None),
             }
         }
         Avail::Ok
@@ -665,29 +703,14 @@ impl Engine {
 
     fn grant(&mut self, k: u32, now: Tick) -> LeaseToken {
         self.seq += 1;
-        let cap = self.log_cap(&self.slots[k as usize]);
         let s = &mut self.slots[k as usize];
         s.in_flight += 1;
         s.last_used = self.seq;
         s.calls += 1;
-        if cap > 0 {
-            s.log.push_back(now);
-            while s.log.len() > cap {
-                s.log.pop_front();
-            }
-        }
         let (in_flight, last_used, gen_, scope) = (s.in_flight, s.last_used, s.gen_, s.scope);
         self.total_in_flight += 1;
         if let Some(sc) = scope {
-            let scope = &mut self.scopes[sc as usize];
-            scope.in_flight += 1;
-            let cap = scope.limits.iter().map(|l| l.limit()).max().unwrap_or(0) as usize;
-            if cap > 0 {
-                scope.log.push_back(now);
-                while scope.log.len() > cap {
-                    scope.log.pop_front();
-                }
-            }
+            self.scopes[sc as usize].in_flight += 1;
         }
         self.selector.touch(k, in_flight, last_used);
         LeaseToken { idx: k, gen_, at: now }
@@ -716,10 +739,15 @@ impl Engine {
         s.in_flight = s.in_flight.saturating_sub(1);
         self.total_in_flight = self.total_in_flight.saturating_sub(1);
         let scope = s.scope;
+        let cap = self.log_cap(&self.slots[k as usize]);
+        let s = &mut self.slots[k as usize];
+        log_push(&mut s.log, now, cap);
         let waiting_on_release = s.state == State::Active && s.timer.is_none() && !s.parked;
         if let Some(sc) = scope {
             let sco = &mut self.scopes[sc as usize];
             sco.in_flight = sco.in_flight.saturating_sub(1);
+            let cap = sco.limits.iter().map(|l| l.limit()).max().unwrap_or(0) as usize;
+            log_push(&mut sco.log, now, cap);
             if sco.timer.is_none() && !sco.parked.is_empty() {
                 self.unpark(sc);
             }
@@ -754,7 +782,7 @@ impl Engine {
                     return;
                 }
                 let until = now.saturating_add(nanos(retry_after.unwrap_or(self.settings.default_cooldown)));
-                self.learn(k, until, now);
+                self.learn(k, until, now, token.at);
                 self.cool(k, until, CoolReason::RateLimited);
                 if let Some(sc) = scope {
                     self.scope_refusal(sc, k, now, until, scope_wide);
@@ -788,26 +816,24 @@ impl Engine {
 
     /// Learns a key's limit from a rate limit when none is configured: the successes since the key
     /// came back, over the time from the first of them to the moment the upstream frees the window.
-    fn learn(&mut self, k: u32, until: Tick, now: Tick) {
+    fn learn(&mut self, k: u32, until: Tick, now: Tick, acquired: Tick) {
         if !self.settings.learn || !self.settings.limits.is_empty() {
             return;
         }
         let s = &mut self.slots[k as usize];
         match (&mut s.learned, s.epoch_first) {
             (None, Some(first)) if s.epoch_successes > 0 => {
-                let raw = until.saturating_sub(first).max(1_000_000);
-                // The same safety margin as a configured limit: 1% of the window, 2–25 ms.
-                let margin = (raw / 100).clamp(2_000_000, 25_000_000);
                 s.learned = Some(Learned {
                     limit: s.epoch_successes,
-                    interval: raw + margin,
+                    interval: until.saturating_sub(first).max(1_000_000),
                     at: until,
                     from: first,
                     to: now,
                 });
             }
-            (Some(l), _) => {
-                // Still refused under the learned limit: tighten it.
+            (Some(l), _) if acquired > l.to => {
+                // Refused although the call was paced by the learned limit: tighten it. (Refusals
+                // of calls sent before the limit was learned say nothing new.)
                 l.limit = l.limit.saturating_sub((l.limit / 20).max(1)).max(1);
             }
             _ => {}
@@ -960,9 +986,12 @@ impl Engine {
                 ),
                 _ => format!("its rate limit window is full; free again in {:.3}s", secs(t)),
             }),
+            Avail::Release if self.settings.max_in_flight > 0 && s.in_flight >= self.settings.max_in_flight => Some(
+                format!("at its in-flight limit ({} of {})", s.in_flight, self.settings.max_in_flight),
+            ),
             Avail::Release => Some(format!(
-                "at its in-flight limit ({} of {})",
-                s.in_flight, self.settings.max_in_flight
+                "its rate-limit window is taken by {} calls in flight",
+                s.in_flight
             )),
             Avail::Scope(sc, until) => {
                 let scope = &self.scopes[sc as usize];
