@@ -1,0 +1,215 @@
+use std::time::{Duration, Instant};
+
+use mock_upstream::{Config, ConfigPatch};
+
+use crate::helpers::{client, config, json, price, start, status};
+
+#[tokio::test]
+async fn failing_key_always_answers_500_and_uses_no_window() {
+    let mut cfg = Config {
+        rate: 1,
+        interval: 60.0,
+        ..config(&["k1", "k9"])
+    };
+    cfg.failing_keys = vec!["k9".parse().expect("key")];
+    let server = start(cfg).await;
+    let c = client();
+    for _ in 0..5 {
+        let r = price(&c, &server, "k9", "x").await;
+        assert_eq!(r.status(), 500);
+        assert_eq!(json(r).await["error"], "upstream_error");
+    }
+    assert_eq!(status(&c, &server, "k1", "x").await, 200);
+    let k9 = server.key_stats("k9").expect("known");
+    assert_eq!((k9.errors, k9.admitted, k9.rate_limited), (5, 0, 0));
+    assert_eq!(server.stats().status(500), 5);
+}
+
+async fn statuses_with_seed(seed: u64) -> Vec<u16> {
+    let server = start(Config {
+        error_rate: 0.3,
+        seed: Some(seed),
+        ..config(&["k1"])
+    })
+    .await;
+    let c = client();
+    let mut out = Vec::new();
+    for i in 0..100 {
+        out.push(status(&c, &server, "k1", &i.to_string()).await);
+    }
+    let errors = out.iter().filter(|&&s| s == 500).count() as u64;
+    assert_eq!(server.stats().faults.random_errors, errors);
+    assert_eq!(server.key_stats("k1").map(|k| k.errors), Some(errors));
+    out
+}
+
+#[tokio::test]
+async fn error_rate_with_a_seed_is_repeatable() {
+    let a = statuses_with_seed(42).await;
+    let b = statuses_with_seed(42).await;
+    assert_eq!(a, b);
+    let errors = a.iter().filter(|&&s| s == 500).count();
+    assert!((12..=50).contains(&errors), "{errors} errors at rate 0.3");
+    assert!(a.iter().all(|&s| s == 200 || s == 500));
+    assert_ne!(a, statuses_with_seed(7).await);
+}
+
+#[tokio::test]
+async fn error_burst_fails_the_next_n_admitted_requests() {
+    let server = start(Config {
+        error_burst: 3,
+        ..config(&["k1"])
+    })
+    .await;
+    let c = client();
+    let mut seen = Vec::new();
+    for _ in 0..4 {
+        seen.push(status(&c, &server, "k1", "x").await);
+    }
+    assert_eq!(seen, [500, 500, 500, 200]);
+    assert_eq!(server.stats().faults.burst_errors, 3);
+    let patch = ConfigPatch {
+        error_burst: Some(1),
+        ..ConfigPatch::default()
+    };
+    assert_eq!(server.update(&patch).map(|v| v.error_burst), Ok(1));
+    assert_eq!(status(&c, &server, "k1", "x").await, 500);
+    assert_eq!(status(&c, &server, "k1", "x").await, 200);
+}
+
+#[tokio::test]
+async fn latency_applies_after_admission_only() {
+    let server = start(Config {
+        rate: 1,
+        interval: 60.0,
+        latency_ms: 200,
+        ..config(&["k1"])
+    })
+    .await;
+    let c = client();
+    // Warm the connection so only the server's delay is measured.
+    assert_eq!(status(&c, &server, "nope", "x").await, 401);
+
+    let t = Instant::now();
+    assert_eq!(status(&c, &server, "k1", "x").await, 200);
+    assert!(
+        t.elapsed() >= Duration::from_millis(200),
+        "{:?}",
+        t.elapsed()
+    );
+
+    let t = Instant::now();
+    assert_eq!(status(&c, &server, "k1", "x").await, 429);
+    assert!(
+        t.elapsed() < Duration::from_millis(150),
+        "{:?}",
+        t.elapsed()
+    );
+
+    let t = Instant::now();
+    assert_eq!(status(&c, &server, "nope", "x").await, 401);
+    assert!(
+        t.elapsed() < Duration::from_millis(150),
+        "{:?}",
+        t.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn timeout_rate_hangs_and_shutdown_ends_the_hang() {
+    let server = start(Config {
+        timeout_rate: 1.0,
+        hang_ms: 30_000,
+        ..config(&["k1"])
+    })
+    .await;
+    let c = reqwest::Client::builder()
+        .timeout(Duration::from_millis(300))
+        .build()
+        .expect("client");
+    let err = c
+        .get(format!("{}/price?id=x", server.url()))
+        .bearer_auth("k1")
+        .send()
+        .await
+        .expect_err("the request hangs past the client timeout");
+    assert!(err.is_timeout(), "{err:?}");
+    assert_eq!(server.stats().faults.timeouts, 1);
+    let t = Instant::now();
+    server.shutdown().await.expect("clean shutdown");
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+}
+
+#[tokio::test]
+async fn reset_rate_drops_the_connection_without_a_response() {
+    let server = start(Config {
+        reset_rate: 1.0,
+        ..config(&["k1"])
+    })
+    .await;
+    let c = client();
+    let err = c
+        .get(format!("{}/price?id=x", server.url()))
+        .bearer_auth("k1")
+        .send()
+        .await
+        .expect_err("the connection is dropped");
+    assert!(!err.is_timeout() && err.status().is_none(), "{err:?}");
+    let stats = server.stats();
+    assert_eq!(stats.faults.resets, 1);
+    assert!(stats.by_status.is_empty(), "{:?}", stats.by_status);
+
+    let patch = ConfigPatch {
+        reset_rate: Some(0.0),
+        ..ConfigPatch::default()
+    };
+    server.update(&patch).expect("valid patch");
+    assert_eq!(status(&c, &server, "k1", "x").await, 200);
+}
+
+#[tokio::test]
+async fn slow_body_sends_headers_first_then_the_body_slowly() {
+    let server = start(Config {
+        slow_body_ms: 400,
+        ..config(&["k1"])
+    })
+    .await;
+    let c = client();
+    let t = Instant::now();
+    let resp = price(&c, &server, "k1", "eth").await;
+    let headers_at = t.elapsed();
+    assert_eq!(resp.status(), 200);
+    let body = json(resp).await;
+    let body_at = t.elapsed();
+    assert!(headers_at < Duration::from_millis(300), "{headers_at:?}");
+    assert!(body_at >= Duration::from_millis(350), "{body_at:?}");
+    assert_eq!(body["id"], "eth");
+    assert_eq!(server.stats().faults.slow_bodies, 1);
+}
+
+#[tokio::test]
+async fn daily_quota_answers_402_once_used_up() {
+    let server = start(Config {
+        daily_quota: Some(2),
+        ..config(&["k1", "k2"])
+    })
+    .await;
+    let c = client();
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        seen.push(status(&c, &server, "k1", "x").await);
+    }
+    assert_eq!(seen, [200, 200, 402]);
+    let r = price(&c, &server, "k1", "x").await;
+    let resets_in: u64 = r
+        .headers()
+        .get("quota-resets-in-ms")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .expect("quota-resets-in-ms");
+    assert!(resets_in > 86_000_000, "{resets_in}");
+    assert_eq!(json(r).await["error"], "quota_exhausted");
+    assert_eq!(status(&c, &server, "k2", "x").await, 200);
+    let k1 = server.key_stats("k1").expect("known");
+    assert_eq!((k1.admitted, k1.quota_exhausted), (2, 2));
+}
