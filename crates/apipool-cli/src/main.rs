@@ -110,7 +110,10 @@ async fn rotate(args: RotateArgs) -> anyhow::Result<()> {
         println!("the new master key is in {}", path.display());
     }
     if let Some(key) = &report.new_key_base64 {
-        println!("new master key (store it safely, it is shown once):\n{}", key.as_str());
+        println!(
+            "new master key (store it safely, it is shown once):\n{}",
+            key.as_str()
+        );
         println!(
             "set APIPOOL_MASTER_KEY to this value before restarting any server; the old key no longer opens anything"
         );

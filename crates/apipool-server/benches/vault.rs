@@ -30,8 +30,12 @@ fn bench(c: &mut Criterion) {
     });
     let sealed = seal_with(&sk, "key:x", raw);
     let mk: MasterKey = rt.block_on(vault.master_key(sk.version)).expect("mk");
-    c.bench_function("open one key", |b| b.iter(|| open_with(&mk, "key:x", &sealed)));
-    c.bench_function("fingerprint (HMAC-SHA256)", |b| b.iter(|| vault.fingerprint(raw)));
+    c.bench_function("open one key", |b| {
+        b.iter(|| open_with(&mk, "key:x", &sealed))
+    });
+    c.bench_function("fingerprint (HMAC-SHA256)", |b| {
+        b.iter(|| vault.fingerprint(raw))
+    });
 }
 
 criterion_group!(benches, bench);

@@ -222,8 +222,7 @@ impl LoginThrottle {
         let map = map.lock();
         let w = map.get(key)?;
         let end = w.start + self.window_len();
-        (w.failures >= max && end > now)
-            .then(|| Duration::try_from(end - now).unwrap_or_default())
+        (w.failures >= max && end > now).then(|| Duration::try_from(end - now).unwrap_or_default())
     }
 
     /// `Err(retry_after)` when this username or IP has too many recent failures.
@@ -289,12 +288,20 @@ mod tests {
     #[test]
     fn tokens_expire_by_the_injected_clock() {
         let clock = FakeClock::new();
-        let keys = TokenKeys::new(b"0123456789abcdef0123456789abcdef", Duration::from_secs(60), clock.clone());
+        let keys = TokenKeys::new(
+            b"0123456789abcdef0123456789abcdef",
+            Duration::from_secs(60),
+            clock.clone(),
+        );
         let t = keys.issue("u1", "user").unwrap();
         assert_eq!(keys.verify(&t).unwrap().sub, "u1");
         clock.advance(Duration::from_secs(61));
         assert!(matches!(keys.verify(&t), Err(TokenError::Expired)));
-        let other = TokenKeys::new(b"another-secret-another-secret-xx", Duration::from_secs(60), clock);
+        let other = TokenKeys::new(
+            b"another-secret-another-secret-xx",
+            Duration::from_secs(60),
+            clock,
+        );
         assert!(matches!(other.verify(&t), Err(TokenError::Invalid)));
     }
 

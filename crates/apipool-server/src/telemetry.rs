@@ -34,7 +34,9 @@ pub fn prometheus() -> PrometheusHandle {
             let recorder = builder.build_recorder();
             let handle = recorder.handle();
             if metrics::set_global_recorder(recorder).is_err() {
-                tracing::warn!("a global metrics recorder was already installed; /metrics will be empty");
+                tracing::warn!(
+                    "a global metrics recorder was already installed; /metrics will be empty"
+                );
             }
             handle
         })

@@ -267,11 +267,7 @@ pub fn seal_with(mk: &SealingKey, aad_id: &str, plaintext: &[u8]) -> Sealed {
     let mut dek = Zeroizing::new([0u8; KEY_LEN]);
     rand::fill(&mut dek[..]);
     let (ciphertext, nonce) = seal_raw(&dek[..], &secret_aad(aad_id), plaintext);
-    let (wrapped_dek, dek_nonce) = seal_raw(
-        &mk.key.0[..],
-        &dek_aad(aad_id, mk.version),
-        &dek[..],
-    );
+    let (wrapped_dek, dek_nonce) = seal_raw(&mk.key.0[..], &dek_aad(aad_id, mk.version), &dek[..]);
     Sealed {
         ciphertext,
         nonce,
@@ -287,7 +283,13 @@ pub fn open_with(
     aad_id: &str,
     sealed: &Sealed,
 ) -> Result<Zeroizing<Vec<u8>>, VaultError> {
-    let dek = unwrap_dek(mk, aad_id, sealed.master_version, &sealed.dek_nonce, &sealed.wrapped_dek)?;
+    let dek = unwrap_dek(
+        mk,
+        aad_id,
+        sealed.master_version,
+        &sealed.dek_nonce,
+        &sealed.wrapped_dek,
+    )?;
     open_raw(&dek, &secret_aad(aad_id), &sealed.nonce, &sealed.ciphertext)
 }
 
@@ -445,9 +447,11 @@ async fn build_ring(db: &Db, candidates: &[MasterKey]) -> Result<Ring, VaultErro
         if ring.keys.contains_key(&row.version) {
             continue;
         }
-        let (Some(from), Some(nonce), Some(ct)) =
-            (row.handoff_from, &row.handoff_nonce, &row.handoff_ciphertext)
-        else {
+        let (Some(from), Some(nonce), Some(ct)) = (
+            row.handoff_from,
+            &row.handoff_nonce,
+            &row.handoff_ciphertext,
+        ) else {
             continue;
         };
         let Some(old) = ring.keys.get(&from) else {
@@ -586,11 +590,10 @@ impl Vault {
 
     /// Reloads when the database has an active version this process does not know.
     pub async fn refresh_if_stale(&self) -> Result<(), VaultError> {
-        let current: Option<i64> = sqlx::query_scalar(
-            "SELECT MAX(version) FROM vault_master_keys WHERE state = 'active'",
-        )
-        .fetch_one(&self.db.pool)
-        .await?;
+        let current: Option<i64> =
+            sqlx::query_scalar("SELECT MAX(version) FROM vault_master_keys WHERE state = 'active'")
+                .fetch_one(&self.db.pool)
+                .await?;
         let current = current.unwrap_or(0);
         let known = {
             let ring = self.ring.read();
@@ -730,7 +733,12 @@ pub async fn rotate_master_key(
     let (old_version, new_version, new_key) = if resuming {
         // An earlier rotation stopped half-way: finish it with the key it introduced.
         let new_version = ring.current;
-        let old_version = active.iter().copied().filter(|v| *v < new_version).min().unwrap_or(new_version);
+        let old_version = active
+            .iter()
+            .copied()
+            .filter(|v| *v < new_version)
+            .min()
+            .unwrap_or(new_version);
         let key = ring
             .keys
             .get(&new_version)
@@ -752,7 +760,7 @@ pub async fn rotate_master_key(
             write_key_file(path, &[old_key.clone(), new_key.clone()], false)?;
         }
         if let Some(path) = &opts.new_key_file {
-            write_key_file(path, &[new_key.clone()], false)?;
+            write_key_file(path, std::slice::from_ref(&new_key), false)?;
         }
         let (handoff_ct, handoff_nonce) = seal_raw(
             &old_key.0[..],
@@ -818,7 +826,10 @@ pub async fn rotate_master_key(
 /// Re-wraps every data key not yet under `sk`, in batches; returns how many.
 async fn rewrap_all(db: &Db, ring: &Ring, sk: &SealingKey) -> Result<u64, VaultError> {
     let mut total = 0;
-    for (table, id_col, prefix) in [("api_keys", "id", "key"), ("vault_secrets", "name", "secret")] {
+    for (table, id_col, prefix) in [
+        ("api_keys", "id", "key"),
+        ("vault_secrets", "name", "secret"),
+    ] {
         loop {
             let select = format!(
                 "SELECT {id_col} AS id, wrapped_dek, dek_nonce, master_version FROM {table} \
@@ -869,7 +880,10 @@ async fn rewrap_all(db: &Db, ring: &Ring, sk: &SealingKey) -> Result<u64, VaultE
 /// could open. Used by tests and by operators to prove an old key is useless after a rotation.
 pub async fn count_openable_with(db: &Db, key: &MasterKey) -> Result<u64, VaultError> {
     let mut opened = 0;
-    for (table, id_col, prefix) in [("api_keys", "id", "key"), ("vault_secrets", "name", "secret")] {
+    for (table, id_col, prefix) in [
+        ("api_keys", "id", "key"),
+        ("vault_secrets", "name", "secret"),
+    ] {
         let select = format!(
             "SELECT {id_col} AS id, ciphertext, nonce, wrapped_dek, dek_nonce, master_version FROM {table}"
         );
@@ -884,7 +898,8 @@ pub async fn count_openable_with(db: &Db, key: &MasterKey) -> Result<u64, VaultE
             }
         }
     }
-    let handoffs: Vec<(i64, i64, Option<Vec<u8>>, Option<Vec<u8>>)> = sqlx::query_as(
+    type HandoffRow = (i64, i64, Option<Vec<u8>>, Option<Vec<u8>>);
+    let handoffs: Vec<HandoffRow> = sqlx::query_as(
         "SELECT version, COALESCE(handoff_from, 0), handoff_nonce, handoff_ciphertext FROM vault_master_keys",
     )
     .fetch_all(&db.pool)
@@ -910,7 +925,10 @@ mod tests {
             key: MasterKey::generate(),
         };
         let s = seal_with(&mk, "key:abc", b"sk-secret-value");
-        assert_eq!(&open_with(&mk.key, "key:abc", &s).unwrap()[..], b"sk-secret-value");
+        assert_eq!(
+            &open_with(&mk.key, "key:abc", &s).unwrap()[..],
+            b"sk-secret-value"
+        );
         // moved to another row: refused
         assert!(open_with(&mk.key, "key:other", &s).is_err());
         // claimed under another version: refused
@@ -930,9 +948,15 @@ mod tests {
     fn parses_hex_and_base64_and_rejects_short_keys() {
         let k = MasterKey::generate();
         let b64 = k.encode();
-        assert_eq!(MasterKey::from_encoded(&b64).unwrap().check_value(), k.check_value());
+        assert_eq!(
+            MasterKey::from_encoded(&b64).unwrap().check_value(),
+            k.check_value()
+        );
         let hex = hex::encode(&k.0[..]);
-        assert_eq!(MasterKey::from_encoded(&hex).unwrap().check_value(), k.check_value());
+        assert_eq!(
+            MasterKey::from_encoded(&hex).unwrap().check_value(),
+            k.check_value()
+        );
         assert!(MasterKey::from_encoded("c2hvcnQ=").is_err());
         assert!(format!("{k:?}").contains("redacted"));
     }

@@ -161,10 +161,11 @@ async fn login(
             retry_after,
         });
     }
-    let row = sqlx::query("SELECT id, password_hash, role, is_active FROM users WHERE username = $1")
-        .bind(body.username.clone())
-        .fetch_optional(&state.db.pool)
-        .await?;
+    let row =
+        sqlx::query("SELECT id, password_hash, role, is_active FROM users WHERE username = $1")
+            .bind(body.username.clone())
+            .fetch_optional(&state.db.pool)
+            .await?;
     let hash = match &row {
         Some(r) => r.try_get::<String, _>("password_hash")?,
         // Unknown user: verify against a dummy hash so the response takes as long.
@@ -179,7 +180,9 @@ async fn login(
         return Err(invalid_credentials());
     };
     if row.try_get::<i64, _>("is_active")? == 0 {
-        return Err(ApiError::Unauthorized("this account is disabled".to_owned()));
+        return Err(ApiError::Unauthorized(
+            "this account is disabled".to_owned(),
+        ));
     }
     state.throttle.record_success(&body.username);
     let id: String = row.try_get("id")?;
@@ -226,11 +229,13 @@ async fn load_refresh(
 }
 
 async fn revoke_family(state: &AppState, family: &str) -> ApiResult<()> {
-    sqlx::query("UPDATE refresh_tokens SET revoked_at = $1 WHERE family_id = $2 AND revoked_at IS NULL")
-        .bind(state.clock.now_ms())
-        .bind(family.to_owned())
-        .execute(&state.db.pool)
-        .await?;
+    sqlx::query(
+        "UPDATE refresh_tokens SET revoked_at = $1 WHERE family_id = $2 AND revoked_at IS NULL",
+    )
+    .bind(state.clock.now_ms())
+    .bind(family.to_owned())
+    .execute(&state.db.pool)
+    .await?;
     Ok(())
 }
 
@@ -245,7 +250,9 @@ async fn refresh(
 ) -> ApiResult<Json<TokenResponse>> {
     let (id, _, row) = load_refresh(&state, &body.refresh_token).await?;
     if row.revoked_at.is_some() {
-        return Err(ApiError::Unauthorized("refresh token revoked; log in again".to_owned()));
+        return Err(ApiError::Unauthorized(
+            "refresh token revoked; log in again".to_owned(),
+        ));
     }
     let reuse = || {
         ApiError::Unauthorized(
@@ -260,7 +267,9 @@ async fn refresh(
     }
     let now = state.clock.now_ms();
     if row.expires_at <= now {
-        return Err(ApiError::Unauthorized("refresh token expired; log in again".to_owned()));
+        return Err(ApiError::Unauthorized(
+            "refresh token expired; log in again".to_owned(),
+        ));
     }
     let user = sqlx::query("SELECT role, is_active FROM users WHERE id = $1")
         .bind(row.user_id.clone())
@@ -268,7 +277,9 @@ async fn refresh(
         .await?
         .ok_or_else(|| ApiError::Unauthorized("invalid refresh token".to_owned()))?;
     if user.try_get::<i64, _>("is_active")? == 0 {
-        return Err(ApiError::Unauthorized("this account is disabled".to_owned()));
+        return Err(ApiError::Unauthorized(
+            "this account is disabled".to_owned(),
+        ));
     }
     let role: String = user.try_get("role")?;
     let mut tx = state.db.pool.begin().await?;
@@ -327,7 +338,9 @@ async fn register(
     let role = match body.role.as_deref() {
         None => ROLE_USER,
         Some(r) if !is_admin && r != ROLE_USER => {
-            return Err(ApiError::Forbidden("only an admin may choose the role".to_owned()));
+            return Err(ApiError::Forbidden(
+                "only an admin may choose the role".to_owned(),
+            ));
         }
         Some(ROLE_ADMIN) => ROLE_ADMIN,
         Some(ROLE_USER) => ROLE_USER,

@@ -175,7 +175,8 @@ impl From<QueryRejection> for ApiError {
         let text = r.body_text();
         Self::Unprocessable(format!(
             "query: {}",
-            text.split_once("query string: ").map_or(text.as_str(), |(_, rest)| rest)
+            text.split_once("query string: ")
+                .map_or(text.as_str(), |(_, rest)| rest)
         ))
     }
 }

@@ -85,7 +85,9 @@ async fn authenticate(token: &str, state: &AppState) -> Result<AuthUser, ApiErro
         .ok_or_else(|| ApiError::Unauthorized("invalid access token".to_owned()))?;
     let active: i64 = row.try_get("is_active")?;
     if active == 0 {
-        return Err(ApiError::Unauthorized("this account is disabled".to_owned()));
+        return Err(ApiError::Unauthorized(
+            "this account is disabled".to_owned(),
+        ));
     }
     Ok(AuthUser {
         id: claims.sub,
@@ -99,7 +101,9 @@ impl FromRequestParts<AppState> for AuthUser {
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         let token = bearer(parts)?.ok_or_else(|| {
-            ApiError::Unauthorized("not authenticated: send `Authorization: Bearer <access_token>`".to_owned())
+            ApiError::Unauthorized(
+                "not authenticated: send `Authorization: Bearer <access_token>`".to_owned(),
+            )
         })?;
         authenticate(token, state).await
     }

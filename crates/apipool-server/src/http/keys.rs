@@ -33,7 +33,11 @@ const CLIENT_CONFIG_MAX: usize = 16 * 1024;
 
 pub(super) fn router() -> OpenApiRouter<AppState> {
     let big = |(s, p, m): UtoipaMethodRouter<AppState>| -> UtoipaMethodRouter<AppState> {
-        (s, p, m.layer(axum::extract::DefaultBodyLimit::max(IMPORT_BODY_LIMIT)))
+        (
+            s,
+            p,
+            m.layer(axum::extract::DefaultBodyLimit::max(IMPORT_BODY_LIMIT)),
+        )
     };
     OpenApiRouter::new()
         .routes(routes!(list_keys, create_key))
@@ -350,8 +354,8 @@ async fn open_all(
 ) -> Result<Vec<Zeroizing<Vec<u8>>>, VaultError> {
     let mut keys = HashMap::new();
     for (_, s) in &items {
-        if !keys.contains_key(&s.master_version) {
-            keys.insert(s.master_version, state.vault.master_key(s.master_version).await?);
+        if let std::collections::hash_map::Entry::Vacant(e) = keys.entry(s.master_version) {
+            e.insert(state.vault.master_key(s.master_version).await?);
         }
     }
     tokio::task::spawn_blocking(move || {
@@ -379,7 +383,9 @@ async fn create_key(
     AppJson(body): AppJson<CreateKey>,
 ) -> ApiResult<(StatusCode, Json<KeyOut>)> {
     let key = body.validate("")?;
-    let fp = state.vault.fingerprint(key.raw_key.expose_secret().as_bytes());
+    let fp = state
+        .vault
+        .fingerprint(key.raw_key.expose_secret().as_bytes());
     let dup: Option<String> = sqlx::query_scalar(
         "SELECT identifier FROM api_keys WHERE user_id = $1 AND fingerprint = $2 LIMIT 1",
     )
@@ -423,7 +429,8 @@ async fn insert_keys(
     let mut tx = state.db.pool.begin().await?;
     const COLS: usize = 16;
     for chunk in rows.chunks(MAX_BIND_PARAMS / COLS) {
-        let mut sql = Sql::new(
+        let mut sql = Sql::for_db(
+            state.db.kind,
             "INSERT INTO api_keys (id, user_id, identifier, alias, description, client_config, tags, \
              verification_status, fingerprint, ciphertext, nonce, wrapped_dek, dek_nonce, master_version, \
              created_at, updated_at) VALUES ",
@@ -437,7 +444,9 @@ async fn insert_keys(
                 k.alias.clone().into(),
                 k.description.clone().into(),
                 k.client_config.clone().into(),
-                serde_json::to_string(&k.tags).unwrap_or_else(|_| "[]".to_owned()).into(),
+                serde_json::to_string(&k.tags)
+                    .unwrap_or_else(|_| "[]".to_owned())
+                    .into(),
                 "unverified".into(),
                 fp.clone().into(),
                 s.ciphertext.clone().into(),
@@ -466,10 +475,17 @@ async fn insert_keys(
         .flat_map(|(id, k, _, _)| k.tags.iter().map(move |t| (id.clone(), t.clone())))
         .collect();
     for chunk in tag_rows.chunks(MAX_BIND_PARAMS / 3) {
-        let mut sql = Sql::new("INSERT INTO api_key_tags (key_id, user_id, tag) VALUES ");
+        let mut sql = Sql::for_db(
+            state.db.kind,
+            "INSERT INTO api_key_tags (key_id, user_id, tag) VALUES ",
+        );
         for (i, (id, tag)) in chunk.iter().enumerate() {
             sql.push(if i == 0 { "(" } else { ", (" });
-            sql.bind(id.clone()).push(", ").bind(user_id.clone()).push(", ").bind(tag.clone());
+            sql.bind(id.clone())
+                .push(", ")
+                .bind(user_id.clone())
+                .push(", ")
+                .bind(tag.clone());
             sql.push(")");
         }
         sql.into_query().execute(&mut *tx).await?;
@@ -504,7 +520,9 @@ async fn list_keys(
     }
     if let Some(t) = f.tag {
         filter
-            .push(" AND EXISTS (SELECT 1 FROM api_key_tags t WHERE t.key_id = k.id AND t.user_id = ")
+            .push(
+                " AND EXISTS (SELECT 1 FROM api_key_tags t WHERE t.key_id = k.id AND t.user_id = ",
+            )
             .bind(user.id.clone())
             .push(" AND t.tag = ")
             .bind(t)
@@ -524,19 +542,13 @@ async fn list_keys(
             .bind(pat)
             .push(" ESCAPE '\\')");
     }
-    let count_sql = Sql {
-        text: format!("SELECT COUNT(*) AS n{}", filter.text),
-        params: filter.params.clone(),
-    };
+    let count_sql = filter.derive(format!("SELECT COUNT(*) AS n{}", filter.text));
     let total: i64 = count_sql
         .into_query()
         .fetch_one(&state.db.pool)
         .await?
         .try_get("n")?;
-    let mut list = Sql {
-        text: format!("SELECT {KEY_COLS}{}", filter.text),
-        params: filter.params,
-    };
+    let mut list = filter.derive(format!("SELECT {KEY_COLS}{}", filter.text));
     list.push(" ORDER BY k.identifier LIMIT ")
         .bind(page_size)
         .push(" OFFSET ")
@@ -556,12 +568,13 @@ async fn list_keys(
 
 /// Fetches and decrypts the usable keys of a pool.
 async fn pool_raw_keys(state: &AppState, user: &AuthUser, pool: &str) -> ApiResult<PoolRawKeys> {
-    let prow = sqlx::query("SELECT id, client_type FROM pools WHERE user_id = $1 AND identifier = $2")
-        .bind(user.id.clone())
-        .bind(pool.to_owned())
-        .fetch_optional(&state.db.pool)
-        .await?
-        .ok_or_else(|| ApiError::not_found("pool", pool))?;
+    let prow =
+        sqlx::query("SELECT id, client_type FROM pools WHERE user_id = $1 AND identifier = $2")
+            .bind(user.id.clone())
+            .bind(pool.to_owned())
+            .fetch_optional(&state.db.pool)
+            .await?
+            .ok_or_else(|| ApiError::not_found("pool", pool))?;
     let pool_id: String = prow.try_get("id")?;
     let rows = sqlx::query(
         "SELECT k.id, k.identifier, k.alias, k.tags, k.ciphertext, k.nonce, k.wrapped_dek, k.dek_nonce, k.master_version \
@@ -606,7 +619,9 @@ async fn raw_keys_for_pool(
 ) -> ApiResult<Json<PoolRawKeys>> {
     match pool_raw_keys(&state, &user, &q.pool_identifier).await {
         // A rotation re-wrapped rows between our read and the decryption: read again.
-        Err(ApiError::Vault(_)) => Ok(Json(pool_raw_keys(&state, &user, &q.pool_identifier).await?)),
+        Err(ApiError::Vault(_)) => Ok(Json(
+            pool_raw_keys(&state, &user, &q.pool_identifier).await?,
+        )),
         other => Ok(Json(other?)),
     }
 }
@@ -761,12 +776,15 @@ async fn import_rows(
     for (index, row) in rows.into_iter().enumerate() {
         let ident = row.identifier.clone();
         let mut err = |detail: String| {
-            errors.push(serde_json::json!({ "index": index, "identifier": ident, "detail": detail }));
+            errors
+                .push(serde_json::json!({ "index": index, "identifier": ident, "detail": detail }));
         };
         match row.validate(&format!("keys[{index}].")) {
             Err(e) => err(e.to_string()),
             Ok(k) => {
-                let fp = state.vault.fingerprint(k.raw_key.expose_secret().as_bytes());
+                let fp = state
+                    .vault
+                    .fingerprint(k.raw_key.expose_secret().as_bytes());
                 if let Some(first) = seen_ids.insert(k.identifier.clone(), index) {
                     err(format!("duplicate identifier (also at index {first})"));
                 } else if let Some(first) = seen_fps.insert(fp.clone(), index) {
@@ -784,11 +802,15 @@ async fn import_rows(
     let taken_fps = existing(state, user, "fingerprint", "identifier", &fps).await?;
     for (index, k, fp) in &valid {
         if taken_ids.contains_key(&k.identifier) {
-            errors.push(serde_json::json!({ "index": index, "identifier": k.identifier,
-                "detail": "a key with this identifier already exists" }));
+            errors.push(
+                serde_json::json!({ "index": index, "identifier": k.identifier,
+                "detail": "a key with this identifier already exists" }),
+            );
         } else if let Some(other) = taken_fps.get(fp) {
-            errors.push(serde_json::json!({ "index": index, "identifier": k.identifier,
-                "detail": format!("this key value is already stored as '{other}'") }));
+            errors.push(
+                serde_json::json!({ "index": index, "identifier": k.identifier,
+                "detail": format!("this key value is already stored as '{other}'") }),
+            );
         }
     }
     if !errors.is_empty() {
@@ -801,8 +823,16 @@ async fn import_rows(
             errors: serde_json::Value::Array(errors),
         });
     }
-    let meta: Vec<(usize, String)> = valid.iter().map(|(i, k, _)| (*i, k.identifier.clone())).collect();
-    let ids = insert_keys(state, user, valid.into_iter().map(|(_, k, fp)| (k, fp)).collect()).await?;
+    let meta: Vec<(usize, String)> = valid
+        .iter()
+        .map(|(i, k, _)| (*i, k.identifier.clone()))
+        .collect();
+    let ids = insert_keys(
+        state,
+        user,
+        valid.into_iter().map(|(_, k, fp)| (k, fp)).collect(),
+    )
+    .await?;
     let results = meta
         .into_iter()
         .zip(ids)
@@ -832,9 +862,10 @@ async fn existing(
 ) -> ApiResult<HashMap<String, String>> {
     let mut out = HashMap::new();
     for chunk in values.chunks(1000) {
-        let mut sql = Sql::new(&format!(
-            "SELECT {col} AS v, {ret} AS r FROM api_keys WHERE user_id = "
-        ));
+        let mut sql = Sql::for_db(
+            state.db.kind,
+            &format!("SELECT {col} AS v, {ret} AS r FROM api_keys WHERE user_id = "),
+        );
         sql.bind(user.id.clone()).push(&format!(" AND {col} IN ("));
         for (i, v) in chunk.iter().enumerate() {
             if i > 0 {
@@ -938,16 +969,24 @@ async fn update_key(
         None => identifier.clone(),
     };
     if let Some(v) = body.alias.into_update() {
-        sql.push(", alias = ").bind(types::opt_text("alias", v, 128)?);
+        sql.push(", alias = ")
+            .bind(types::opt_text("alias", v, 128)?);
     }
     if let Some(v) = body.description.into_update() {
-        sql.push(", description = ").bind(types::opt_text("description", v, 2000)?);
+        sql.push(", description = ")
+            .bind(types::opt_text("description", v, 2000)?);
     }
     if let Some(v) = body.client_config.into_update() {
-        sql.push(", client_config = ")
-            .bind(types::json_object("client_config", v, CLIENT_CONFIG_MAX)?);
+        sql.push(", client_config = ").bind(types::json_object(
+            "client_config",
+            v,
+            CLIENT_CONFIG_MAX,
+        )?);
     }
-    let tags = body.tags.map(|t| types::tags("tags", Some(t))).transpose()?;
+    let tags = body
+        .tags
+        .map(|t| types::tags("tags", Some(t)))
+        .transpose()?;
     if let Some(t) = &tags {
         sql.push(", tags = ")
             .bind(serde_json::to_string(t).unwrap_or_else(|_| "[]".to_owned()));
@@ -1018,7 +1057,9 @@ async fn rotate_key(
     types::raw_key("new_raw_key", body.new_raw_key.expose_secret())?;
     let row = load_key_row(&state, &user, &identifier).await?;
     let id: String = row.try_get("id")?;
-    let fp = state.vault.fingerprint(body.new_raw_key.expose_secret().as_bytes());
+    let fp = state
+        .vault
+        .fingerprint(body.new_raw_key.expose_secret().as_bytes());
     let dup: Option<String> = sqlx::query_scalar(
         "SELECT identifier FROM api_keys WHERE user_id = $1 AND fingerprint = $2 AND id <> $3 LIMIT 1",
     )
@@ -1033,7 +1074,11 @@ async fn rotate_key(
         )));
     }
     let sk = state.vault.sealing_key().await?;
-    let s = seal_with(&sk, &key_aad_id(&id), body.new_raw_key.expose_secret().as_bytes());
+    let s = seal_with(
+        &sk,
+        &key_aad_id(&id),
+        body.new_raw_key.expose_secret().as_bytes(),
+    );
     sqlx::query(
         "UPDATE api_keys SET ciphertext = $1, nonce = $2, wrapped_dek = $3, dek_nonce = $4, master_version = $5, \
          fingerprint = $6, verification_status = 'unverified', last_verified_at = NULL, updated_at = $7 WHERE id = $8",
@@ -1080,7 +1125,11 @@ async fn verify_key(
         .filter(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some())
         .ok_or_else(|| ApiError::field("client_config.base_url", "must be an http(s) URL"))?;
     if let Some(path) = cfg.get("verify_path").and_then(|v| v.as_str()) {
-        let joined = format!("{}/{}", url.path().trim_end_matches('/'), path.trim_start_matches('/'));
+        let joined = format!(
+            "{}/{}",
+            url.path().trim_end_matches('/'),
+            path.trim_start_matches('/')
+        );
         url.set_path(&joined);
     }
     let sealed = vault::sealed_from_row(&row)?;
@@ -1109,7 +1158,11 @@ async fn verify_key(
             } else {
                 "error"
             };
-            (status, Some(code.as_u16()), format!("upstream answered {code}"))
+            (
+                status,
+                Some(code.as_u16()),
+                format!("upstream answered {code}"),
+            )
         }
         Err(e) => (
             "unreachable",
@@ -1122,12 +1175,14 @@ async fn verify_key(
         ),
     };
     let now = state.clock.now_ms();
-    sqlx::query("UPDATE api_keys SET verification_status = $1, last_verified_at = $2 WHERE id = $3")
-        .bind(status.to_owned())
-        .bind(now)
-        .bind(key.id.clone())
-        .execute(&state.db.pool)
-        .await?;
+    sqlx::query(
+        "UPDATE api_keys SET verification_status = $1, last_verified_at = $2 WHERE id = $3",
+    )
+    .bind(status.to_owned())
+    .bind(now)
+    .bind(key.id.clone())
+    .execute(&state.db.pool)
+    .await?;
     Ok(Json(VerifyOut {
         identifier: key.identifier,
         verification_status: status.to_owned(),

@@ -312,14 +312,20 @@ pub fn validate_pool_config(v: Option<Value>) -> ApiResult<Option<String>> {
             "ban_threshold" => check_int(k, v, 1, 100, false)?,
             "ban_duration" => check_num(k, v, 10.0, 86_400.0)?,
             "custom" if !v.is_object() => {
-                return Err(ApiError::field("pool_config.custom", "must be a JSON object"));
+                return Err(ApiError::field(
+                    "pool_config.custom",
+                    "must be a JSON object",
+                ));
             }
             _ => {}
         }
     }
     let text = cfg.to_string();
     if text.len() > 64 * 1024 {
-        return Err(ApiError::field("pool_config", "must be at most 64 KiB of JSON"));
+        return Err(ApiError::field(
+            "pool_config",
+            "must be at most 64 KiB of JSON",
+        ));
     }
     Ok(Some(text))
 }
@@ -332,26 +338,37 @@ pub fn validate_upstream(v: Option<Value>) -> ApiResult<Option<String>> {
     let Some(obj) = up.as_object() else {
         return Err(ApiError::field("upstream", "must be a JSON object"));
     };
-    if let Some(extra) = obj.keys().find(|k| !matches!(k.as_str(), "base_url" | "auth")) {
+    if let Some(extra) = obj
+        .keys()
+        .find(|k| !matches!(k.as_str(), "base_url" | "auth"))
+    {
         return Err(ApiError::field(
             &format!("upstream.{extra}"),
             "unknown field (expected base_url and auth)",
         ));
     }
-    let base = obj
-        .get("base_url")
-        .and_then(Value::as_str)
-        .ok_or_else(|| ApiError::field("upstream.base_url", "is required (an http or https URL)"))?;
+    let base = obj.get("base_url").and_then(Value::as_str).ok_or_else(|| {
+        ApiError::field("upstream.base_url", "is required (an http or https URL)")
+    })?;
     let url = url::Url::parse(base)
         .map_err(|e| ApiError::field("upstream.base_url", format!("is not a URL: {e}")))?;
     if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
-        return Err(ApiError::field("upstream.base_url", "must be an http or https URL with a host"));
+        return Err(ApiError::field(
+            "upstream.base_url",
+            "must be an http or https URL with a host",
+        ));
     }
     if !url.username().is_empty() || url.password().is_some() {
-        return Err(ApiError::field("upstream.base_url", "must not contain credentials"));
+        return Err(ApiError::field(
+            "upstream.base_url",
+            "must not contain credentials",
+        ));
     }
     if base.len() > 2048 {
-        return Err(ApiError::field("upstream.base_url", "must be at most 2048 characters"));
+        return Err(ApiError::field(
+            "upstream.base_url",
+            "must be at most 2048 characters",
+        ));
     }
     let auth = match obj.get("auth") {
         None | Some(Value::Null) => "bearer".to_owned(),
@@ -361,7 +378,8 @@ pub fn validate_upstream(v: Option<Value>) -> ApiResult<Option<String>> {
     let token_ok = |n: &str| {
         !n.is_empty()
             && n.len() <= 128
-            && n.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+            && n.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
     };
     let ok = auth == "bearer"
         || auth.strip_prefix("header:").is_some_and(token_ok)
@@ -430,7 +448,11 @@ fn member_from_row(r: &AnyRow) -> Result<MemberOut, sqlx::Error> {
     })
 }
 
-async fn pool_with_members(state: &AppState, user: &AuthUser, identifier: &str) -> ApiResult<PoolOut> {
+async fn pool_with_members(
+    state: &AppState,
+    user: &AuthUser,
+    identifier: &str,
+) -> ApiResult<PoolOut> {
     let mut pool = load_pool(state, user, identifier).await?;
     let rows = sqlx::query(MEMBER_SQL)
         .bind(pool.id.clone())
@@ -442,6 +464,7 @@ async fn pool_with_members(state: &AppState, user: &AuthUser, identifier: &str) 
 
 /// Upserts members in multi-row statements.
 async fn upsert_members(
+    kind: crate::db::DbKind,
     conn: &mut sqlx::AnyConnection,
     pool_id: &str,
     key_ids: &[String],
@@ -450,7 +473,10 @@ async fn upsert_members(
     now: i64,
 ) -> ApiResult<()> {
     for chunk in key_ids.chunks(MAX_BIND_PARAMS / 5) {
-        let mut sql = Sql::new("INSERT INTO pool_members (pool_id, key_id, priority, weight, created_at) VALUES ");
+        let mut sql = Sql::for_db(
+            kind,
+            "INSERT INTO pool_members (pool_id, key_id, priority, weight, created_at) VALUES ",
+        );
         for (i, k) in chunk.iter().enumerate() {
             sql.push(if i == 0 { "(" } else { ", (" });
             sql.bind(pool_id.to_owned())
@@ -516,7 +542,7 @@ async fn create_pool(
     .await
     .on_unique(|| format!("a pool with identifier '{identifier}' already exists"))?;
     if !key_ids.is_empty() {
-        upsert_members(&mut *tx, &id, &key_ids, 0, 1, now).await?;
+        upsert_members(state.db.kind, &mut tx, &id, &key_ids, 0, 1, now).await?;
     }
     tx.commit().await?;
     Ok((
@@ -547,7 +573,10 @@ async fn list_pools(
     .fetch_all(&state.db.pool)
     .await?;
     Ok(Json(PoolPage {
-        items: rows.iter().map(PoolOut::from_row).collect::<Result<_, _>>()?,
+        items: rows
+            .iter()
+            .map(PoolOut::from_row)
+            .collect::<Result<_, _>>()?,
         total,
         page,
         page_size,
@@ -593,14 +622,18 @@ async fn update_pool(
         sql.push(", name = ").bind(types::text("name", &v, 128)?);
     }
     if let Some(v) = body.description.into_update() {
-        sql.push(", description = ").bind(types::opt_text("description", v, 2000)?);
+        sql.push(", description = ")
+            .bind(types::opt_text("description", v, 2000)?);
     }
     if let Some(v) = body.client_type {
         sql.push(", client_type = ").bind(client_type(&v)?);
     }
     if let Some(v) = body.reach_limit_exception.into_update() {
-        sql.push(", reach_limit_exception = ")
-            .bind(types::opt_text("reach_limit_exception", v, 256)?);
+        sql.push(", reach_limit_exception = ").bind(types::opt_text(
+            "reach_limit_exception",
+            v,
+            256,
+        )?);
     }
     if let Some(v) = body.rotation_strategy {
         sql.push(", rotation_strategy = ").bind(strategy(&v)?);
@@ -654,12 +687,14 @@ async fn list_members(
 ) -> ApiResult<Json<MemberPage>> {
     let (page, page_size, offset) = paging.resolve()?;
     let p = load_pool(&state, &user, &pool).await?;
-    let rows = sqlx::query(sqlx::AssertSqlSafe(format!("{MEMBER_SQL} LIMIT $2 OFFSET $3")))
-        .bind(p.id)
-        .bind(page_size)
-        .bind(offset)
-        .fetch_all(&state.db.pool)
-        .await?;
+    let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "{MEMBER_SQL} LIMIT $2 OFFSET $3"
+    )))
+    .bind(p.id)
+    .bind(page_size)
+    .bind(offset)
+    .fetch_all(&state.db.pool)
+    .await?;
     Ok(Json(MemberPage {
         items: rows.iter().map(member_from_row).collect::<Result<_, _>>()?,
         total: p.member_count,
@@ -680,18 +715,33 @@ async fn add_members(
     AppJson(body): AppJson<AddMembers>,
 ) -> ApiResult<Json<PoolOut>> {
     if !(-1_000_000..=1_000_000).contains(&body.priority) {
-        return Err(ApiError::field("priority", "must be between -1000000 and 1000000"));
+        return Err(ApiError::field(
+            "priority",
+            "must be between -1000000 and 1000000",
+        ));
     }
     if !(1..=1_000_000).contains(&body.weight) {
         return Err(ApiError::field("weight", "must be between 1 and 1000000"));
     }
     if body.key_identifiers.is_empty() {
-        return Err(ApiError::field("key_identifiers", "must name at least one key"));
+        return Err(ApiError::field(
+            "key_identifiers",
+            "must name at least one key",
+        ));
     }
     let p = load_pool(&state, &user, &pool).await?;
     let ids = resolve_key_ids(&state, &user, "key_identifiers", &body.key_identifiers).await?;
     let mut tx = state.db.pool.begin().await?;
-    upsert_members(&mut *tx, &p.id, &ids, body.priority, body.weight, state.clock.now_ms()).await?;
+    upsert_members(
+        state.db.kind,
+        &mut tx,
+        &p.id,
+        &ids,
+        body.priority,
+        body.weight,
+        state.clock.now_ms(),
+    )
+    .await?;
     tx.commit().await?;
     Ok(Json(pool_with_members(&state, &user, &pool).await?))
 }
@@ -716,7 +766,9 @@ async fn remove_member(
     .execute(&state.db.pool)
     .await?;
     if done.rows_affected() == 0 {
-        return Err(ApiError::NotFound(format!("key '{key}' is not a member of pool '{pool}'")));
+        return Err(ApiError::NotFound(format!(
+            "key '{key}' is not a member of pool '{pool}'"
+        )));
     }
     Ok(StatusCode::NO_CONTENT)
 }

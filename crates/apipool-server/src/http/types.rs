@@ -73,7 +73,10 @@ pub fn username(v: &str) -> Result<String, ApiError> {
     if !(3..=64).contains(&n) {
         return Err(ApiError::field("username", "must be 3 to 64 characters"));
     }
-    if !v.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+    if !v
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    {
         return Err(ApiError::field(
             "username",
             "may contain only letters, digits, '_' and '-'",

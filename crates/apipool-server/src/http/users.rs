@@ -109,7 +109,8 @@ async fn update_user(
     AppJson(body): AppJson<UserUpdate>,
 ) -> ApiResult<Json<UserOut>> {
     let current = load_user(&state, &id).await?;
-    if id == admin.id && (body.is_active == Some(false) || body.role.as_deref() == Some(ROLE_USER)) {
+    if id == admin.id && (body.is_active == Some(false) || body.role.as_deref() == Some(ROLE_USER))
+    {
         return Err(ApiError::field(
             "is_active",
             "admins cannot disable or demote themselves (ask another admin)",
@@ -130,11 +131,13 @@ async fn update_user(
         .execute(&state.db.pool)
         .await?;
     if !active {
-        sqlx::query("UPDATE refresh_tokens SET revoked_at = $1 WHERE user_id = $2 AND revoked_at IS NULL")
-            .bind(now)
-            .bind(id.clone())
-            .execute(&state.db.pool)
-            .await?;
+        sqlx::query(
+            "UPDATE refresh_tokens SET revoked_at = $1 WHERE user_id = $2 AND revoked_at IS NULL",
+        )
+        .bind(now)
+        .bind(id.clone())
+        .execute(&state.db.pool)
+        .await?;
     }
     Ok(Json(load_user(&state, &id).await?))
 }

@@ -3,7 +3,10 @@ use serde_json::Value;
 use crate::both_backends;
 use crate::helpers::{Backend, expect_error, spawn_app};
 
-both_backends!(health_ready_metrics_docs, unknown_routes_and_methods_are_json);
+both_backends!(
+    health_ready_metrics_docs,
+    unknown_routes_and_methods_are_json
+);
 
 async fn health_ready_metrics_docs(backend: Backend) {
     let app = spawn_app(backend).await;
@@ -19,7 +22,8 @@ async fn health_ready_metrics_docs(backend: Backend) {
     assert_eq!(r.json::<Value>().await.unwrap()["database"], true);
 
     // a request with an identifier in its path, then the metrics
-    app.create_key(&app.admin_token, "metric-key-7", "sk-metrics-secret-111").await;
+    app.create_key(&app.admin_token, "metric-key-7", "sk-metrics-secret-111")
+        .await;
     let r = app.get(&app.admin_token, "/keys/metric-key-7").await;
     assert_eq!(r.status(), 200);
     let text = app
@@ -34,7 +38,10 @@ async fn health_ready_metrics_docs(backend: Backend) {
     assert!(text.contains("http_requests_total"), "{text}");
     assert!(text.contains("http_request_duration_seconds_bucket"));
     assert!(text.contains("route=\"/api/v1/keys/{identifier}\""));
-    assert!(!text.contains("metric-key-7"), "raw paths must not be labels");
+    assert!(
+        !text.contains("metric-key-7"),
+        "raw paths must not be labels"
+    );
     assert!(!text.contains("sk-metrics-secret"));
 
     // OpenAPI generated from the handlers, Swagger UI served locally
@@ -87,7 +94,12 @@ async fn unknown_routes_and_methods_are_json(backend: Backend) {
     let app = spawn_app(backend).await;
     let r = app.client.get(app.url("/nope")).send().await.unwrap();
     assert_eq!(expect_error(r, 404).await, "Not Found");
-    let r = app.client.get(app.url("/../../etc/passwd")).send().await.unwrap();
+    let r = app
+        .client
+        .get(app.url("/../../etc/passwd"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 404);
     let r = app.client.delete(app.url("/health")).send().await.unwrap();
     assert_eq!(expect_error(r, 405).await, "Method Not Allowed");
@@ -95,7 +107,13 @@ async fn unknown_routes_and_methods_are_json(backend: Backend) {
     let r = app.client.get(app.api("/keys")).send().await.unwrap();
     assert!(r.headers().contains_key("www-authenticate"));
     expect_error(r, 401).await;
-    let r = app.client.get(app.api("/keys")).bearer_auth("garbage").send().await.unwrap();
+    let r = app
+        .client
+        .get(app.api("/keys"))
+        .bearer_auth("garbage")
+        .send()
+        .await
+        .unwrap();
     expect_error(r, 401).await;
     // request ids are propagated
     let r = app.client.get(app.url("/health")).send().await.unwrap();

@@ -80,7 +80,10 @@ fn init_logs() -> Arc<Mutex<Vec<u8>>> {
 
 /// Everything logged so far in this process.
 pub(crate) fn captured_logs() -> Vec<u8> {
-    init_logs().lock().unwrap_or_else(|e| e.into_inner()).clone()
+    init_logs()
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone()
 }
 
 pub(crate) fn contains(haystack: &[u8], needle: &str) -> bool {
@@ -291,7 +294,11 @@ impl TestApp {
 
     pub(crate) async fn create_key(&self, token: &str, identifier: &str, raw: &str) -> Value {
         let r = self
-            .post(token, "/keys", json!({ "identifier": identifier, "raw_key": raw }))
+            .post(
+                token,
+                "/keys",
+                json!({ "identifier": identifier, "raw_key": raw }),
+            )
             .await;
         assert_eq!(r.status(), 201, "create key {identifier}");
         r.json().await.expect("json")
@@ -299,7 +306,11 @@ impl TestApp {
 
     pub(crate) async fn create_pool(&self, token: &str, identifier: &str, keys: &[&str]) -> Value {
         let r = self
-            .post(token, "/pools", json!({ "identifier": identifier, "name": identifier, "key_identifiers": keys }))
+            .post(
+                token,
+                "/pools",
+                json!({ "identifier": identifier, "name": identifier, "key_identifiers": keys }),
+            )
             .await;
         assert_eq!(r.status(), 201, "create pool {identifier}");
         r.json().await.expect("json")
@@ -322,7 +333,9 @@ pub(crate) fn drop_pg_database(db: String) {
             .enable_all()
             .build()
             .expect("runtime");
-        rt.block_on(pg_admin_exec(format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)")));
+        rt.block_on(pg_admin_exec(format!(
+            "DROP DATABASE IF EXISTS {db} WITH (FORCE)"
+        )));
     })
     .join();
 }

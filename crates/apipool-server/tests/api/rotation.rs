@@ -45,11 +45,26 @@ async fn rotate_master_key_while_requests_run(backend: Backend) {
     let keys: Vec<Value> = (0..N)
         .map(|i| json!({ "identifier": format!("rk{i:03}"), "raw_key": raw_for(i) }))
         .collect();
-    assert_eq!(app.post(&t, "/keys/import", json!({ "keys": keys })).await.status(), 201);
+    assert_eq!(
+        app.post(&t, "/keys/import", json!({ "keys": keys }))
+            .await
+            .status(),
+        201
+    );
     let idents: Vec<String> = (0..N).map(|i| format!("rk{i:03}")).collect();
-    app.post(&t, "/pools", json!({ "identifier": "all", "name": "all", "key_identifiers": idents })).await;
+    app.post(
+        &t,
+        "/pools",
+        json!({ "identifier": "all", "name": "all", "key_identifiers": idents }),
+    )
+    .await;
     assert_eq!(old_key.check_value().len(), 64);
-    assert_eq!(vault::count_openable_with(&app.state.db, &old_key).await.unwrap(), N as u64 + 2);
+    assert_eq!(
+        vault::count_openable_with(&app.state.db, &old_key)
+            .await
+            .unwrap(),
+        N as u64 + 2
+    );
 
     // requests keep running during the rotation
     let app = Arc::new(app);
@@ -79,9 +94,16 @@ async fn rotate_master_key_while_requests_run(backend: Backend) {
                     let ident = format!("w{w}-{created}");
                     let raw = format!("sk-worker-{w}-{created}");
                     created += 1;
-                    let r = app.post(&t, "/keys", json!({ "identifier": ident, "raw_key": raw })).await;
+                    let r = app
+                        .post(&t, "/keys", json!({ "identifier": ident, "raw_key": raw }))
+                        .await;
                     assert_eq!(r.status(), 201, "create during rotation");
-                    let back: Value = app.get(&t, &format!("/keys/{ident}/raw")).await.json().await.unwrap();
+                    let back: Value = app
+                        .get(&t, &format!("/keys/{ident}/raw"))
+                        .await
+                        .json()
+                        .await
+                        .unwrap();
                     assert_eq!(back["raw_key"], raw);
                 }
                 ok.fetch_add(1, Ordering::SeqCst);
@@ -90,12 +112,17 @@ async fn rotate_master_key_while_requests_run(backend: Backend) {
         }));
     }
     // the rotation runs like `apipool vault rotate-master-key`: its own connection pool
-    let db = Db::connect(&app.config.effective_database_url(), 2).await.unwrap();
+    let db = Db::connect(&app.config.effective_database_url(), 2)
+        .await
+        .unwrap();
     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     let report = vault::rotate_master_key(
         &db,
         &source,
-        &RotateOptions { handoff_grace: std::time::Duration::ZERO, new_key_file: None },
+        &RotateOptions {
+            handoff_grace: std::time::Duration::ZERO,
+            new_key_file: None,
+        },
         app.clock.now_ms(),
     )
     .await
@@ -111,12 +138,22 @@ async fn rotate_master_key_while_requests_run(backend: Backend) {
     assert!(report.rewrapped >= N as u64 + 2);
 
     // every key still decrypts
-    let body: Value = app.get(&t, "/keys/raw?pool_identifier=all").await.json().await.unwrap();
+    let body: Value = app
+        .get(&t, "/keys/raw?pool_identifier=all")
+        .await
+        .json()
+        .await
+        .unwrap();
     assert_eq!(body["total"], N);
     let listed: Value = app.get(&t, "/keys?page_size=1").await.json().await.unwrap();
     let total = listed["total"].as_u64().unwrap();
     assert_eq!(total, (N + created_total) as u64);
-    let csv = app.get(&t, "/keys/export?include_raw=true").await.text().await.unwrap();
+    let csv = app
+        .get(&t, "/keys/export?include_raw=true")
+        .await
+        .text()
+        .await
+        .unwrap();
     assert_eq!(csv.lines().count() as u64, total + 1);
 
     // the old master key opens nothing; the new one opens everything
@@ -128,30 +165,45 @@ async fn rotate_master_key_while_requests_run(backend: Backend) {
             assert!(report.new_key_base64.is_none());
             keys[0].clone()
         }
-        Backend::Postgres => {
-            MasterKey::from_encoded(report.new_key_base64.as_ref().expect("printed for env mode")).unwrap()
-        }
+        Backend::Postgres => MasterKey::from_encoded(
+            report
+                .new_key_base64
+                .as_ref()
+                .expect("printed for env mode"),
+        )
+        .unwrap(),
     };
     assert_ne!(new_key.check_value(), old_key.check_value());
-    assert_eq!(vault::count_openable_with(&db, &new_key).await.unwrap(), total + 2);
+    assert_eq!(
+        vault::count_openable_with(&db, &new_key).await.unwrap(),
+        total + 2
+    );
     // the server can still create keys under the new version
-    app.create_key(&t, "after-rotation", "sk-after-rotation").await;
+    app.create_key(&t, "after-rotation", "sk-after-rotation")
+        .await;
     assert_eq!(app.state.vault.current_version(), 2);
 
     // a restart with the old key is refused and says why; with the new key it works
     let app = Arc::into_inner(app).expect("workers finished");
     let (mut config, dir, pg) = app.stop();
     let old_file = dir.path().join("old.key");
-    vault::write_key_file(&old_file, &[old_key.clone()], true).unwrap();
+    vault::write_key_file(&old_file, std::slice::from_ref(&old_key), true).unwrap();
     let mut with_old = config.clone();
     with_old.master_key = None;
     with_old.master_key_file = Some(old_file);
-    let err = Application::build(with_old).await.expect_err("old key must be refused");
+    let err = Application::build(with_old)
+        .await
+        .expect_err("old key must be refused");
     assert!(format!("{err:#}").contains("retired"), "{err:#}");
     if backend == Backend::Postgres {
         config.master_key = Some(SecretString::from(new_key.encode().to_string()));
     }
     let again = start(config, dir, pg).await;
-    let raw: Value = again.get(&again.admin_token, "/keys/rk007/raw").await.json().await.unwrap();
+    let raw: Value = again
+        .get(&again.admin_token, "/keys/rk007/raw")
+        .await
+        .json()
+        .await
+        .unwrap();
     assert_eq!(raw["raw_key"], raw_for(7));
 }
