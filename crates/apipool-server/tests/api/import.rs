@@ -16,15 +16,20 @@ async fn import_ten_thousand_keys_in_one_request(backend: Backend) {
         .map(|i| {
             json!({
                 "identifier": format!("bulk-{i:05}"),
-                "raw_key": format!("sk-bulk-{i:05}-{}", "x".repeat(40)),
+                "raw_key": format!("sk-bulk-{i:05}-{}", "x".repeat(200)),
                 "alias": format!("key {i}"),
                 "tags": if i % 100 == 0 { json!(["hundreds", "bulk"]) } else { json!(["bulk"]) },
                 "client_config": { "base_url": "https://api.example.com" }
             })
         })
         .collect();
+    let body = json!({ "keys": keys });
+    assert!(
+        body.to_string().len() > 3 * 1024 * 1024,
+        "larger than the default 2 MiB body limit"
+    );
     let started = std::time::Instant::now();
-    let r = app.post(&t, "/keys/import", json!({ "keys": keys })).await;
+    let r = app.post(&t, "/keys/import", body).await;
     let elapsed = started.elapsed();
     assert_eq!(r.status(), 201);
     let report: Value = r.json().await.unwrap();
@@ -66,7 +71,7 @@ async fn import_ten_thousand_keys_in_one_request(backend: Backend) {
     assert_eq!(raw["total"], 10_000);
     assert_eq!(
         raw["keys"][0]["raw_key"],
-        format!("sk-bulk-00000-{}", "x".repeat(40))
+        format!("sk-bulk-00000-{}", "x".repeat(200))
     );
     // importing the same rows again is refused row by row, nothing stored
     let again = vec![json!({ "identifier": "bulk-00001", "raw_key": "sk-new-value" })];

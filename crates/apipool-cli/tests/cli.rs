@@ -1,0 +1,263 @@
+//! The `apipool` binary: zero set-up `serve`, graceful SIGTERM, `vault rotate-master-key`.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use assert_cmd::cargo::cargo_bin;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+fn apipool() -> Command {
+    let mut c = Command::new(cargo_bin("apipool"));
+    // A clean environment for the variables the binary reads.
+    for (k, _) in std::env::vars() {
+        if k.starts_with("APIPOOL_") {
+            c.env_remove(k);
+        }
+    }
+    c
+}
+
+struct Server {
+    child: Child,
+    stderr_lines: std::sync::mpsc::Receiver<String>,
+    port: u16,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn serve(dir: &std::path::Path, extra_env: &[(&str, &str)]) -> Server {
+    let port = free_port();
+    let mut cmd = apipool();
+    cmd.current_dir(dir)
+        .args(["serve", "--bind", &format!("127.0.0.1:{port}")])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    for (k, v) in extra_env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("spawn apipool serve");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    Server {
+        child,
+        stderr_lines: rx,
+        port,
+    }
+}
+
+fn wait_healthy(port: u16) -> serde_json::Value {
+    let client = reqwest::blocking::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(r) = client.get(format!("http://127.0.0.1:{port}/health")).send() {
+            return r.json().expect("health json");
+        }
+        assert!(Instant::now() < deadline, "server did not come up");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn collect(rx: &std::sync::mpsc::Receiver<String>, until: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut out = String::new();
+    while Instant::now() < deadline {
+        if let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) {
+            out.push_str(&line);
+            out.push('\n');
+            if line.contains(until) {
+                break;
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn help_lists_the_subcommands() {
+    let out = apipool().arg("--help").output().expect("run");
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("serve") && text.contains("vault"), "{text}");
+    let out = apipool().args(["serve", "--help"]).output().expect("run");
+    let text = String::from_utf8_lossy(&out.stdout);
+    for flag in [
+        "--bind",
+        "--data-dir",
+        "--database-url",
+        "--open-registration",
+        "APIPOOL_BIND",
+    ] {
+        assert!(text.contains(flag), "serve --help lacks {flag}");
+    }
+}
+
+#[test]
+fn serve_with_zero_setup_then_sigterm_then_rotate() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut server = serve(dir.path(), &[]);
+    let health = wait_healthy(server.port);
+    assert_eq!(health["status"], "ok");
+    // first start: ./data with the database and a private master key, admin password printed once
+    let data = dir.path().join("data");
+    assert!(data.join("apipool.db").exists());
+    let key = data.join("master.key");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&key)
+            .expect("key file")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+    let log = collect(&server.stderr_lines, "listening");
+    let password = log
+        .lines()
+        .find_map(|l| l.split("with password: ").nth(1))
+        .expect("generated admin password printed")
+        .trim()
+        .to_owned();
+    let client = reqwest::blocking::Client::new();
+    let r = client
+        .post(format!(
+            "http://127.0.0.1:{}/api/v1/auth/login",
+            server.port
+        ))
+        .json(&serde_json::json!({ "username": "admin", "password": password }))
+        .send()
+        .expect("login");
+    assert_eq!(r.status(), 200);
+    let docs = client
+        .get(format!("http://127.0.0.1:{}/docs/", server.port))
+        .send()
+        .expect("docs");
+    assert_eq!(docs.status(), 200);
+
+    // SIGTERM: graceful exit with status 0
+    let status = Command::new("kill")
+        .args(["-TERM", &server.child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let exit = server.child.wait().expect("wait");
+    assert!(exit.success(), "{exit:?}");
+
+    // rotate the master key of that data dir
+    let before = std::fs::read_to_string(&key).expect("key");
+    let out = apipool()
+        .current_dir(dir.path())
+        .args(["vault", "rotate-master-key", "--handoff-grace-secs", "0"])
+        .output()
+        .expect("rotate");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("version 1 -> 2"), "{text}");
+    let after = std::fs::read_to_string(&key).expect("key");
+    assert_ne!(before, after);
+
+    // a second start does not print a password again and still opens the vault
+    let mut server = serve(dir.path(), &[]);
+    wait_healthy(server.port);
+    let log = collect(&server.stderr_lines, "listening");
+    assert!(!log.contains("with password"), "{log}");
+    let r = client
+        .post(format!(
+            "http://127.0.0.1:{}/api/v1/auth/login",
+            server.port
+        ))
+        .json(&serde_json::json!({ "username": "admin", "password": password }))
+        .send()
+        .expect("login");
+    assert_eq!(r.status(), 200);
+    let _ = server.child.kill();
+}
+
+#[test]
+fn refuses_a_world_readable_master_key_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).expect("mkdir");
+    std::fs::write(
+        data.join("master.key"),
+        "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=\n",
+    )
+    .expect("write");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(
+            data.join("master.key"),
+            std::fs::Permissions::from_mode(0o644),
+        )
+        .expect("chmod");
+    }
+    let out = apipool()
+        .current_dir(dir.path())
+        .args(["serve", "--bind", "127.0.0.1:0"])
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("chmod 600"), "{err}");
+}
+
+#[test]
+fn admin_credentials_and_options_from_the_environment() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = serve(
+        dir.path(),
+        &[
+            ("APIPOOL_ADMIN_USERNAME", "root_user"),
+            ("APIPOOL_ADMIN_PASSWORD", "a-long-admin-password"),
+            ("APIPOOL_OPEN_REGISTRATION", "true"),
+            (
+                "APIPOOL_MASTER_KEY",
+                "0000000000000000000000000000000000000000000000000000000000000001",
+            ),
+            ("APIPOOL_DATA_DIR", "elsewhere"),
+        ],
+    );
+    wait_healthy(server.port);
+    assert!(dir.path().join("elsewhere/apipool.db").exists());
+    assert!(
+        !dir.path().join("elsewhere/master.key").exists(),
+        "the env key is used, no file"
+    );
+    let client = reqwest::blocking::Client::new();
+    let base = format!("http://127.0.0.1:{}/api/v1", server.port);
+    let r = client
+        .post(format!("{base}/auth/login"))
+        .json(&serde_json::json!({ "username": "root_user", "password": "a-long-admin-password" }))
+        .send()
+        .expect("login");
+    assert_eq!(r.status(), 200);
+    let r = client
+        .post(format!("{base}/auth/register"))
+        .json(&serde_json::json!({ "username": "newbie", "email": "n@x.io", "password": "password-123" }))
+        .send()
+        .expect("register");
+    assert_eq!(r.status(), 201, "open registration from the environment");
+}
