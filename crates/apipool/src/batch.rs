@@ -128,13 +128,16 @@ impl<Id, T, E> BatchResult<Id, T, E> {
     }
 }
 
+/// Successes and failures by item id.
+type Outcomes<Id, T, E> = (HashMap<Id, T>, HashMap<Id, CallError<E>>);
+
 /// A batch's shared bookkeeping.
 struct Collector<Id, T, E> {
     started: Instant,
     total: usize,
     done: AtomicUsize,
     succeeded: AtomicUsize,
-    results: Mutex<(HashMap<Id, T>, HashMap<Id, CallError<E>>)>,
+    results: Mutex<Outcomes<Id, T, E>>,
     progress: Option<Arc<ProgressFn>>,
 }
 
@@ -195,7 +198,11 @@ impl<Id: Eq + Hash + Clone, T, E> Collector<Id, T, E> {
         }
     }
 
-    fn finish<K: ApiKey>(self, pool: &ApiKeyManager<K>, duplicates: Vec<Id>) -> BatchResult<Id, T, E> {
+    fn finish<K: ApiKey>(
+        self,
+        pool: &ApiKeyManager<K>,
+        duplicates: Vec<Id>,
+    ) -> BatchResult<Id, T, E> {
         let (results, errors) = self.results.into_inner();
         let banned_keys = pool
             .key_reports()
@@ -229,7 +236,11 @@ impl<K: ApiKey> ApiKeyManager<K> {
             None => self.pool_size().max(1),
         };
         let retry = opts.retry.map_or(
-            if batch { settings.batch_retry } else { settings.retry },
+            if batch {
+                settings.batch_retry
+            } else {
+                settings.retry
+            },
             |r| RetryPolicy {
                 max_refusals: settings.retry.max_refusals,
                 ..r
@@ -237,7 +248,9 @@ impl<K: ApiKey> ApiKeyManager<K> {
         );
         let call = CallOpts {
             retry,
-            max_wait: opts.max_wait.unwrap_or(if batch { BATCH_WAIT } else { settings.max_wait }),
+            max_wait: opts
+                .max_wait
+                .unwrap_or(if batch { BATCH_WAIT } else { settings.max_wait }),
             timeout: settings.timeout,
             label: opts.label.clone(),
         };
@@ -271,7 +284,9 @@ impl<K: ApiKey> ApiKeyManager<K> {
                 s.spawn(|| {
                     loop {
                         let i = next.fetch_add(1, Ordering::Relaxed);
-                        let Some((id, input)) = unique.get(i) else { break };
+                        let Some((id, input)) = unique.get(i) else {
+                            break;
+                        };
                         let r = self.call_with_opts(classifier, &call, |client| op(client, input));
                         collector.record(id.clone(), r);
                     }
@@ -337,7 +352,8 @@ impl<K: ApiKey> ApiKeyManager<K> {
                     loop {
                         let i = next.fetch_add(1, Ordering::Relaxed);
                         let Some(input) = inputs.get(i) else { break };
-                        let r = self.call_with_opts(&DefaultClassifier, &call, |client| op(client, input));
+                        let r = self
+                            .call_with_opts(&DefaultClassifier, &call, |client| op(client, input));
                         collector.record(i, r);
                     }
                 });
@@ -381,7 +397,9 @@ fn in_order<T, E>(collector: Collector<usize, T, E>, n: usize) -> Vec<Result<T, 
     (0..n)
         .map(|i| match ok.remove(&i) {
             Some(v) => Ok(v),
-            None => Err(err.remove(&i).unwrap_or(CallError::Pool(Error::NoUsableKeys))),
+            None => Err(err
+                .remove(&i)
+                .unwrap_or(CallError::Pool(Error::NoUsableKeys))),
         })
         .collect()
 }

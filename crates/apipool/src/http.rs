@@ -49,7 +49,10 @@ impl HttpClassifier {
         match status {
             429 => Outcome::RateLimited {
                 retry_after: retry_delay(headers, SystemTime::now()),
-                scope_wide: self.scope_marker.as_ref().is_some_and(|h| headers.contains_key(h)),
+                scope_wide: self
+                    .scope_marker
+                    .as_ref()
+                    .is_some_and(|h| headers.contains_key(h)),
             },
             402 => Outcome::QuotaExhausted {
                 until: retry_delay(headers, SystemTime::now()).map(|d| Instant::now() + d),
@@ -106,11 +109,16 @@ impl<B> Classifier<(u16, HeaderMap, B), reqwest::Error> for HttpClassifier {
 /// How long a rate-limited response asks us to wait: `retry-after-ms`, then `Retry-After`
 /// (seconds or HTTP date), then `x-ratelimit-reset*` headers. `None` when none parse.
 pub fn retry_delay(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
-    let get = |name: &str| headers.get(name).and_then(|v: &HeaderValue| v.to_str().ok());
-    if let Some(ms) = get("retry-after-ms").and_then(|v| v.trim().parse::<f64>().ok()) {
-        if ms.is_finite() && ms >= 0.0 {
-            return Duration::try_from_secs_f64(ms / 1000.0).ok();
-        }
+    let get = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v: &HeaderValue| v.to_str().ok())
+    };
+    if let Some(ms) = get("retry-after-ms").and_then(|v| v.trim().parse::<f64>().ok())
+        && ms.is_finite()
+        && ms >= 0.0
+    {
+        return Duration::try_from_secs_f64(ms / 1000.0).ok();
     }
     if let Some(d) = get("retry-after").and_then(|v| parse_retry_after(v, now)) {
         return Some(d);
@@ -153,7 +161,10 @@ pub fn parse_reset(value: &str, now: SystemTime) -> Option<Duration> {
         if !n.is_finite() || n < 0.0 {
             return None;
         }
-        let epoch = now.duration_since(SystemTime::UNIX_EPOCH).ok()?.as_secs_f64();
+        let epoch = now
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .ok()?
+            .as_secs_f64();
         let secs = if n > 1e12 {
             n / 1000.0 - epoch
         } else if n > 1e9 {
@@ -179,7 +190,9 @@ fn parse_go_duration(v: &str) -> Option<Duration> {
         }
         let n: f64 = rest[..num_end].parse().ok()?;
         rest = &rest[num_end..];
-        let unit_end = rest.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(rest.len());
+        let unit_end = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
         let mult = match &rest[..unit_end] {
             "ms" => 0.001,
             "s" => 1.0,
@@ -214,7 +227,10 @@ pub struct HttpKey {
 
 impl fmt::Debug for HttpKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("HttpKey").field("identifier", &self.id).field("auth", &self.auth).finish()
+        f.debug_struct("HttpKey")
+            .field("identifier", &self.id)
+            .field("auth", &self.auth)
+            .finish()
     }
 }
 
@@ -270,7 +286,9 @@ pub struct KeyAuth {
 
 impl fmt::Debug for KeyAuth {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("KeyAuth").field("auth", &self.auth).finish_non_exhaustive()
+        f.debug_struct("KeyAuth")
+            .field("auth", &self.auth)
+            .finish_non_exhaustive()
     }
 }
 
@@ -286,7 +304,10 @@ impl KeyAuth {
     }
 
     /// Adds the key to a blocking request.
-    pub fn apply_blocking(&self, rb: reqwest::blocking::RequestBuilder) -> reqwest::blocking::RequestBuilder {
+    pub fn apply_blocking(
+        &self,
+        rb: reqwest::blocking::RequestBuilder,
+    ) -> reqwest::blocking::RequestBuilder {
         let key = self.secret.expose_secret();
         match &self.auth {
             AuthPlacement::Bearer => rb.bearer_auth(key),
@@ -327,7 +348,10 @@ mod tests {
         assert_eq!(c.classify_parts(304, &none), Outcome::Success);
         assert_eq!(c.classify_parts(401, &none), Outcome::InvalidKey);
         assert_eq!(c.classify_parts(403, &none), Outcome::InvalidKey);
-        assert!(matches!(c.classify_parts(402, &none), Outcome::QuotaExhausted { until: None }));
+        assert!(matches!(
+            c.classify_parts(402, &none),
+            Outcome::QuotaExhausted { until: None }
+        ));
         assert_eq!(c.classify_parts(404, &none), Outcome::NotKeyRelated);
         assert_eq!(c.classify_parts(422, &none), Outcome::NotKeyRelated);
         assert_eq!(c.classify_parts(500, &none), Outcome::Failed);
@@ -344,7 +368,10 @@ mod tests {
         assert_eq!(retry_delay(&h, now), Some(Duration::from_millis(1250)));
         let later = httpdate::fmt_http_date(now + Duration::from_secs(120));
         let d = parse_retry_after(&later, now).unwrap();
-        assert!(d > Duration::from_secs(118) && d <= Duration::from_secs(120), "{d:?}");
+        assert!(
+            d > Duration::from_secs(118) && d <= Duration::from_secs(120),
+            "{d:?}"
+        );
         let past = httpdate::fmt_http_date(now - Duration::from_secs(120));
         assert_eq!(parse_retry_after(&past, now), Some(Duration::ZERO));
         assert_eq!(parse_retry_after("-1", now), None);
@@ -354,10 +381,17 @@ mod tests {
         assert_eq!(retry_delay(&h, now), Some(Duration::from_secs(90)));
         let h = headers(&[("x-ratelimit-reset", "250ms")]);
         assert_eq!(retry_delay(&h, now), Some(Duration::from_millis(250)));
-        let epoch = now.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs() + 10;
+        let epoch = now
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            + 10;
         let h = headers(&[("x-ratelimit-reset", &epoch.to_string())]);
         let d = retry_delay(&h, now).unwrap();
-        assert!(d > Duration::from_secs(8) && d <= Duration::from_secs(10), "{d:?}");
+        assert!(
+            d > Duration::from_secs(8) && d <= Duration::from_secs(10),
+            "{d:?}"
+        );
         assert_eq!(parse_reset("1x", now), None);
         assert_eq!(parse_reset("", now), None);
         assert_eq!(parse_reset("s", now), None);
@@ -365,7 +399,8 @@ mod tests {
 
     #[test]
     fn scope_marker_makes_a_scope_wide_refusal() {
-        let c = HttpClassifier::new().scope_marker_header(HeaderName::from_static("x-account-limit"));
+        let c =
+            HttpClassifier::new().scope_marker_header(HeaderName::from_static("x-account-limit"));
         let h = headers(&[("x-account-limit", "1"), ("retry-after", "2")]);
         assert_eq!(
             c.classify_parts(429, &h),

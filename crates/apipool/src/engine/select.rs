@@ -69,7 +69,9 @@ impl Selector {
                     pos.resize(n, ABSENT);
                 }
             }
-            Selector::RoundRobin { queued, present, .. } => {
+            Selector::RoundRobin {
+                queued, present, ..
+            } => {
                 if present.len() < n {
                     queued.resize(n, false);
                     present.resize(n, false);
@@ -238,12 +240,12 @@ impl Selector {
 
     /// Updates a present key's `least_used` ordering.
     pub(crate) fn touch(&mut self, k: u32, in_flight: u32, last_used: u64) {
-        if let Selector::LeastUsed { set, entry } = self {
-            if let Some(e) = entry.get_mut(k as usize).and_then(Option::as_mut) {
-                set.remove(&(e.0, e.1, k));
-                *e = (in_flight, last_used);
-                set.insert((in_flight, last_used, k));
-            }
+        if let Selector::LeastUsed { set, entry } = self
+            && let Some(e) = entry.get_mut(k as usize).and_then(Option::as_mut)
+        {
+            set.remove(&(e.0, e.1, k));
+            *e = (in_flight, last_used);
+            set.insert((in_flight, last_used, k));
         }
     }
 }
@@ -288,7 +290,12 @@ mod tests {
     #[test]
     fn insert_remove_contains_for_every_strategy() {
         let mut rng = SmallRng::seed_from_u64(1);
-        for strategy in [Strategy::Random, Strategy::RoundRobin, Strategy::LeastUsed, Strategy::Weighted] {
+        for strategy in [
+            Strategy::Random,
+            Strategy::RoundRobin,
+            Strategy::LeastUsed,
+            Strategy::Weighted,
+        ] {
             let mut s = all(strategy);
             assert_eq!(s.len(), 5);
             s.remove(2);
@@ -327,7 +334,10 @@ mod tests {
         }
         for (k, &c) in counts.iter().enumerate() {
             let expected = 150_000.0 * (k as f64 + 1.0) / 15.0;
-            assert!((f64::from(c) - expected).abs() < expected * 0.05, "key {k}: {c} vs {expected}");
+            assert!(
+                (f64::from(c) - expected).abs() < expected * 0.05,
+                "key {k}: {c} vs {expected}"
+            );
         }
     }
 
