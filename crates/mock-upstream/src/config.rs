@@ -447,7 +447,7 @@ mod tests {
 
     #[test]
     fn defaults_are_shared_by_clap_and_serde() {
-        let from_json: Config = serde_json::from_str("{}").unwrap_or_else(|e| panic!("{e}"));
+        let from_json: Config = serde_json::from_str("{}").expect("valid");
         let d = Config::default();
         assert_eq!(from_json.bind, d.bind);
         assert_eq!(d.bind.to_string(), "127.0.0.1:0");
@@ -480,7 +480,7 @@ mod tests {
             "--daily-quota",
             "100",
         ])
-        .unwrap_or_else(|e| panic!("{e}"));
+        .expect("valid");
         assert_eq!(c.keys.len(), 3);
         assert_eq!(c.keys[1].expose(), "k2");
         assert_eq!((c.rate, c.interval, c.latency_ms), (20, 0.5, 20));
@@ -516,13 +516,13 @@ mod tests {
             })
         ));
         assert!(Config::try_parse_from(["m", "--keys", "a,,b"]).is_err());
-        let dup = Config::with_keys(["same", "same"]).unwrap_or_else(|e| panic!("{e}"));
+        let dup = Config::with_keys(["same", "same"]).expect("valid");
         assert!(matches!(dup.settings(), Err(ConfigError::DuplicateKey(_))));
     }
 
     #[test]
     fn debug_output_never_shows_raw_keys() {
-        let c = Config::with_keys(["sk-live-secret-value-1234"]).unwrap_or_else(|e| panic!("{e}"));
+        let c = Config::with_keys(["sk-live-secret-value-1234"]).expect("valid");
         let dbg = format!("{c:?}");
         assert!(!dbg.contains("secret-value"), "{dbg}");
         assert!(dbg.contains("********1234"), "{dbg}");
@@ -538,18 +538,15 @@ mod tests {
 
     #[test]
     fn patch_changes_only_given_fields_and_validates() {
-        let base = Config::default()
-            .settings()
-            .unwrap_or_else(|e| panic!("{e}"));
+        let base = Config::default().settings().expect("valid");
         let patch: ConfigPatch =
             serde_json::from_str(r#"{"rate": 3, "error_rate": 0.25, "daily_quota": null}"#)
-                .unwrap_or_else(|e| panic!("{e}"));
+                .expect("valid");
         assert_eq!(patch.daily_quota, Some(None));
-        let s = base.patched(&patch).unwrap_or_else(|e| panic!("{e}"));
+        let s = base.patched(&patch).expect("valid");
         assert_eq!((s.rate, s.error_rate), (3, 0.25));
         assert_eq!(s.interval, base.interval);
-        let bad: ConfigPatch =
-            serde_json::from_str(r#"{"reset_rate": -1}"#).unwrap_or_else(|e| panic!("{e}"));
+        let bad: ConfigPatch = serde_json::from_str(r#"{"reset_rate": -1}"#).expect("valid");
         assert!(base.patched(&bad).is_err());
         assert!(serde_json::from_str::<ConfigPatch>(r#"{"nope": 1}"#).is_err());
     }

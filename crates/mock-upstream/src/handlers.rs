@@ -217,13 +217,14 @@ fn plan(state: &MockState, headers: &HeaderMap, query_key: Option<&str>) -> Deci
             headers,
         ));
     }
-    let latency = s.latency + state.jitter(s.latency_jitter_ms);
+    // Drawn only for requests that will wait, so refusals do not shift a seeded sequence.
+    let latency = || s.latency + state.jitter(s.latency_jitter_ms);
     if s.failing_keys.contains(raw) {
         let rate = key.peek_headers(&s, now);
         return Decision::Proceed(Plan {
             key,
             rate,
-            latency,
+            latency: latency(),
             reset: false,
             hang: None,
             error: Some("this API key is broken upstream (failing_keys)"),
@@ -262,6 +263,17 @@ fn plan(state: &MockState, headers: &HeaderMap, query_key: Option<&str>) -> Deci
     key.counters.admitted.fetch_add(1, relaxed());
     // Fixed roll order keeps seeded runs repeatable.
     let reset = state.roll(s.reset_rate);
+    if reset {
+        return Decision::Proceed(Plan {
+            key,
+            rate,
+            latency: Duration::ZERO,
+            reset,
+            hang: None,
+            error: None,
+            slow_body: Duration::ZERO,
+        });
+    }
     let hang = state.roll(s.timeout_rate).then_some(s.hang);
     let error = if state.take_burst() {
         state.faults().burst_errors.fetch_add(1, relaxed());
@@ -275,8 +287,8 @@ fn plan(state: &MockState, headers: &HeaderMap, query_key: Option<&str>) -> Deci
     Decision::Proceed(Plan {
         key,
         rate,
-        latency,
-        reset,
+        latency: latency(),
+        reset: false,
         hang,
         error,
         slow_body: s.slow_body,

@@ -423,3 +423,58 @@ impl MockState {
         &self.inner.shutdown
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seeded(seed: u64) -> MockState {
+        MockState::new(&Config {
+            seed: Some(seed),
+            ..Config::default()
+        })
+        .expect("valid config")
+    }
+
+    #[test]
+    fn seeded_draws_repeat_and_stay_in_range() {
+        let (a, b) = (seeded(3), seeded(3));
+        let draws = |s: &MockState| -> Vec<(bool, Duration)> {
+            (0..200).map(|_| (s.roll(0.5), s.jitter(40))).collect()
+        };
+        let da = draws(&a);
+        assert_eq!(da, draws(&b));
+        assert!(da.iter().all(|&(_, j)| j <= Duration::from_millis(40)));
+        let trues = da.iter().filter(|&&(r, _)| r).count();
+        assert!((60..=140).contains(&trues), "{trues}");
+        assert!(!a.roll(0.0) && a.roll(1.0));
+        assert_eq!(a.jitter(0), Duration::ZERO);
+    }
+
+    #[test]
+    fn error_burst_is_taken_once_per_request() {
+        let s = MockState::new(&Config {
+            error_burst: 2,
+            ..Config::default()
+        })
+        .expect("valid config");
+        assert!(s.take_burst() && s.take_burst());
+        assert!(!s.take_burst());
+        assert_eq!(s.settings().error_burst, 0);
+    }
+
+    #[test]
+    fn accept_any_key_assigns_indexes_after_configured_keys() {
+        let s = MockState::new(&Config::with_keys(["a", "b"]).expect("keys")).expect("valid");
+        assert!(matches!(s.lookup("zzz", false), Lookup::Unknown));
+        let Lookup::Known(k) = s.lookup("zzz", true) else {
+            panic!("accept_any_key admits new keys");
+        };
+        assert_eq!(k.index, 2);
+        let Lookup::Known(again) = s.lookup("zzz", true) else {
+            panic!("known now");
+        };
+        assert!(Arc::ptr_eq(&k, &again));
+        assert_eq!(s.stats().keys.len(), 3);
+    }
+}
