@@ -75,7 +75,7 @@ fn http(c: &mut Criterion) {
             })
         });
     });
-    for concurrency in [50usize] {
+    for concurrency in [10usize, 50] {
         g.bench_function(format!("price_concurrency_{concurrency}"), |b| {
             b.iter_custom(|iters| {
                 rt.block_on(async {
