@@ -1,2 +1,128 @@
-//! Stats collector benchmarks (being written).
-fn main() {}
+//! Stats collector benchmarks.
+//!
+//! Run with: `cargo bench -p apipool --bench stats`
+//!
+//! - `stats_enqueue/1_thread`: the caller's cost of `record` (what the pool pays per call). The
+//!   writer runs at the same time on the other core, as in production; the flush after each
+//!   sample is not timed.
+//! - `stats_enqueue/8_threads`: 8 threads record at once; the figure is wall time per event for
+//!   all 8 together (2 cores, so threads also wait for a CPU).
+//! - `stats_sustained/sqlite_file`: events recorded and committed to a SQLite file per second
+//!   (record + flush timed), i.e. the writer's sustained throughput.
+
+use std::hint::black_box;
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant, SystemTime};
+
+use apipool::stats::{StatsCollector, StatsConfig};
+use apipool::{CallEvent, CallStatus};
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+
+fn event(key: &Arc<str>, method: &Arc<str>, i: u64) -> CallEvent {
+    CallEvent {
+        key_identifier: key.clone(),
+        status: if i % 10 == 0 {
+            CallStatus::Failed
+        } else {
+            CallStatus::Success
+        },
+        latency: Duration::from_micros(300 + i % 700),
+        method: Some(method.clone()),
+        finished_at: SystemTime::now(),
+        pool: None,
+        dedup_id: None,
+    }
+}
+
+fn keys() -> (Vec<Arc<str>>, Arc<str>) {
+    (
+        (0..10).map(|i| Arc::from(format!("key-{i}"))).collect(),
+        Arc::from("GET /v3/simple/price"),
+    )
+}
+
+fn config() -> StatsConfig {
+    // A backlog large enough that a sample never waits for the database: this measures the
+    // enqueue path, not backpressure.
+    StatsConfig::default()
+        .queue_capacity(1 << 20)
+        .max_backlog(8 << 20)
+}
+
+fn enqueue(c: &mut Criterion) {
+    let (keys, method) = keys();
+    let stats = StatsCollector::open_with("sqlite::memory:", config()).expect("open");
+    let mut g = c.benchmark_group("stats_enqueue");
+    g.throughput(Throughput::Elements(1));
+    g.sample_size(20);
+    g.measurement_time(Duration::from_secs(10));
+
+    g.bench_function("1_thread", |b| {
+        b.iter_custom(|iters| {
+            let events: Vec<CallEvent> = (0..iters)
+                .map(|i| event(&keys[i as usize % keys.len()], &method, i))
+                .collect();
+            let start = Instant::now();
+            for e in events {
+                stats.record(black_box(e));
+            }
+            let elapsed = start.elapsed();
+            stats.flush().expect("flush");
+            elapsed
+        });
+    });
+
+    g.bench_function("8_threads", |b| {
+        b.iter_custom(|iters| {
+            let per_thread = iters.div_ceil(8);
+            let barrier = Barrier::new(9);
+            let elapsed = std::thread::scope(|s| {
+                for t in 0..8u64 {
+                    let (stats, keys, method, barrier) = (&stats, &keys, &method, &barrier);
+                    s.spawn(move || {
+                        let events: Vec<CallEvent> = (0..per_thread)
+                            .map(|i| event(&keys[(t + i) as usize % keys.len()], method, i))
+                            .collect();
+                        barrier.wait();
+                        for e in events {
+                            stats.record(black_box(e));
+                        }
+                    });
+                }
+                barrier.wait();
+                let start = Instant::now();
+                // Scope end joins the threads.
+                start
+            })
+            .elapsed();
+            stats.flush().expect("flush");
+            elapsed.mul_f64(iters as f64 / (per_thread * 8) as f64)
+        });
+    });
+    g.finish();
+}
+
+fn sustained(c: &mut Criterion) {
+    let (keys, method) = keys();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = format!("sqlite://{}/bench.db?mode=rwc", dir.path().display());
+    let stats = StatsCollector::open_with(&url, config()).expect("open");
+    let mut g = c.benchmark_group("stats_sustained");
+    g.throughput(Throughput::Elements(1));
+    g.sample_size(10);
+    g.measurement_time(Duration::from_secs(20));
+    g.bench_function("sqlite_file", |b| {
+        b.iter_custom(|iters| {
+            let start = Instant::now();
+            for i in 0..iters {
+                stats.record(event(&keys[i as usize % keys.len()], &method, i));
+            }
+            stats.flush().expect("flush");
+            start.elapsed()
+        });
+    });
+    g.finish();
+}
+
+criterion_group!(benches, enqueue, sustained);
+criterion_main!(benches);
