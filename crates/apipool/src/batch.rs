@@ -77,7 +77,9 @@ impl BatchOptions {
         self
     }
 
-    /// How long one item may wait for a free key (default: as long as keys can free up).
+    /// How long one item may wait for a free key (default: the pool's `max_wait`, which defaults
+    /// to its `timeout`). Pacing waits are short; an item whose next key is further away than this
+    /// (every key banned, a daily quota spent) fails with `PoolExhausted { retry_at }` instead.
     pub fn max_wait(mut self, d: Duration) -> Self {
         self.max_wait = Some(d);
         self
@@ -223,9 +225,6 @@ impl<Id: Eq + Hash + Clone, T, E> Collector<Id, T, E> {
     }
 }
 
-/// Waiting budget for batch items: as long as keys can free up (a year stands in for "forever").
-const BATCH_WAIT: Duration = Duration::from_secs(365 * 24 * 3600);
-
 impl<K: ApiKey> ApiKeyManager<K> {
     fn batch_opts(&self, opts: &BatchOptions, batch: bool) -> Result<(CallOpts, usize), Error> {
         let settings = self.call_settings();
@@ -248,9 +247,7 @@ impl<K: ApiKey> ApiKeyManager<K> {
         );
         let call = CallOpts {
             retry,
-            max_wait: opts
-                .max_wait
-                .unwrap_or(if batch { BATCH_WAIT } else { settings.max_wait }),
+            max_wait: opts.max_wait.unwrap_or(settings.max_wait),
             timeout: settings.timeout,
             label: opts.label.clone(),
         };
