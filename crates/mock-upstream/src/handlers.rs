@@ -18,7 +18,7 @@ use serde_json::json;
 
 use crate::config::ConfigPatch;
 use crate::conn::ConnHandle;
-use crate::state::{Gate, KeyState, Lookup, MockState, RateHeaders};
+use crate::state::{Gate, KeyState, Lookup, MockState, RateHeaders, inc};
 
 /// Largest request body `/echo` reads.
 const ECHO_BODY_LIMIT: usize = 2 * 1024 * 1024;
@@ -172,16 +172,16 @@ struct Plan {
     key: Arc<KeyState>,
     rate: Option<RateHeaders>,
     latency: Duration,
-    reset: bool,
     hang: Option<Duration>,
     error: Option<&'static str>,
     slow_body: Duration,
 }
 
-/// Either go on with a plan, or answer at once.
+/// Go on with a plan, answer at once, or drop the connection (`reset_rate`).
 enum Decision {
     Proceed(Plan),
     Answer(Response),
+    DropConnection,
 }
 
 /// Decides synchronously: auth, failing key, quota, window, then the random faults.
@@ -210,7 +210,7 @@ fn plan(state: &MockState, headers: &HeaderMap, query_key: Option<&str>) -> Deci
     };
     let now = Instant::now();
     if s.revoked_keys.contains(raw) {
-        key.counters.unauthorized.fetch_add(1, relaxed());
+        inc(&key.counters.unauthorized);
         let headers = key.peek_headers(&s, now);
         return Decision::Answer(with_rate_headers(
             unauthorized("this API key has been revoked"),
@@ -225,7 +225,6 @@ fn plan(state: &MockState, headers: &HeaderMap, query_key: Option<&str>) -> Deci
             key,
             rate,
             latency: latency(),
-            reset: false,
             hang: None,
             error: Some("this API key is broken upstream (failing_keys)"),
             slow_body: Duration::ZERO,
@@ -235,7 +234,7 @@ fn plan(state: &MockState, headers: &HeaderMap, query_key: Option<&str>) -> Deci
     match gate {
         Gate::Admitted => {}
         Gate::QuotaExhausted(wait) => {
-            key.counters.quota_exhausted.fetch_add(1, relaxed());
+            inc(&key.counters.quota_exhausted);
             let mut r = error(
                 StatusCode::PAYMENT_REQUIRED,
                 "quota_exhausted",
@@ -245,7 +244,7 @@ fn plan(state: &MockState, headers: &HeaderMap, query_key: Option<&str>) -> Deci
             return Decision::Answer(with_rate_headers(r, rate));
         }
         Gate::Limited(wait) => {
-            key.counters.rate_limited.fetch_add(1, relaxed());
+            inc(&key.counters.rate_limited);
             let mut r = (
                 StatusCode::TOO_MANY_REQUESTS,
                 Json(json!({
@@ -260,26 +259,18 @@ fn plan(state: &MockState, headers: &HeaderMap, query_key: Option<&str>) -> Deci
             return Decision::Answer(with_rate_headers(r, rate));
         }
     }
-    key.counters.admitted.fetch_add(1, relaxed());
+    inc(&key.counters.admitted);
     // Fixed roll order keeps seeded runs repeatable.
-    let reset = state.roll(s.reset_rate);
-    if reset {
-        return Decision::Proceed(Plan {
-            key,
-            rate,
-            latency: Duration::ZERO,
-            reset,
-            hang: None,
-            error: None,
-            slow_body: Duration::ZERO,
-        });
+    if state.roll(s.reset_rate) {
+        inc(&state.faults().resets);
+        return Decision::DropConnection;
     }
     let hang = state.roll(s.timeout_rate).then_some(s.hang);
     let error = if state.take_burst() {
-        state.faults().burst_errors.fetch_add(1, relaxed());
+        inc(&state.faults().burst_errors);
         Some("simulated upstream failure (error_burst)")
     } else if state.roll(s.error_rate) {
-        state.faults().random_errors.fetch_add(1, relaxed());
+        inc(&state.faults().random_errors);
         Some("simulated upstream failure (error_rate)")
     } else {
         None
@@ -288,15 +279,10 @@ fn plan(state: &MockState, headers: &HeaderMap, query_key: Option<&str>) -> Deci
         key,
         rate,
         latency: latency(),
-        reset: false,
         hang,
         error,
         slow_body: s.slow_body,
     })
-}
-
-fn relaxed() -> std::sync::atomic::Ordering {
-    std::sync::atomic::Ordering::Relaxed
 }
 
 fn unauthorized(message: &str) -> Response {
@@ -343,14 +329,11 @@ async fn keyed(state: &MockState, endpoint: Endpoint, req: Request) -> Response 
             state.count_status(r.status().as_u16());
             return r;
         }
+        Decision::DropConnection => return drop_connection(&parts.extensions),
     };
     let key = &plan.key;
-    if plan.reset {
-        state.faults().resets.fetch_add(1, relaxed());
-        return drop_connection(&parts.extensions);
-    }
     if let Some(hang) = plan.hang {
-        state.faults().timeouts.fetch_add(1, relaxed());
+        inc(&state.faults().timeouts);
         tokio::select! {
             () = tokio::time::sleep(hang) => {}
             () = state.shutdown_token().cancelled() => {}
@@ -360,7 +343,7 @@ async fn keyed(state: &MockState, endpoint: Endpoint, req: Request) -> Response 
         tokio::time::sleep(plan.latency).await;
     }
     let response = if let Some(message) = plan.error {
-        key.counters.errors.fetch_add(1, relaxed());
+        inc(&key.counters.errors);
         error(StatusCode::INTERNAL_SERVER_ERROR, "upstream_error", message)
     } else {
         match endpoint {
@@ -371,12 +354,12 @@ async fn keyed(state: &MockState, endpoint: Endpoint, req: Request) -> Response 
     let status = response.status().as_u16();
     state.count_status(status);
     if status == 200 {
-        key.counters.admitted_ok.fetch_add(1, relaxed());
+        inc(&key.counters.admitted_ok);
         if let Some(id) = &query.id {
             state.count_id(id);
         }
         if !plan.slow_body.is_zero() {
-            state.faults().slow_bodies.fetch_add(1, relaxed());
+            inc(&state.faults().slow_bodies);
             return with_rate_headers(slow(response, plan.slow_body).await, plan.rate);
         }
     }

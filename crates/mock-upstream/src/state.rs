@@ -105,7 +105,7 @@ pub(crate) enum Gate {
     Admitted,
 }
 
-fn inc(c: &AtomicU64) {
+pub(crate) fn inc(c: &AtomicU64) {
     c.fetch_add(1, Ordering::Relaxed);
 }
 
