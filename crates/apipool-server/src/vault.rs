@@ -78,6 +78,12 @@ pub enum VaultError {
         /// Cause.
         source: std::io::Error,
     },
+    /// The key file is gone but the database has a vault.
+    #[error(
+        "master key file {0} does not exist, but this database already holds encrypted keys: restore \
+         the key file from your backup (or set APIPOOL_MASTER_KEY)"
+    )]
+    MissingKeyFile(PathBuf),
     /// No supplied key matches the database.
     #[error(
         "the configured master key does not open this database; supply the current key with \
@@ -313,18 +319,24 @@ pub enum KeySource {
 }
 
 impl KeySource {
-    /// Reads the keys (creating the key file with one fresh key when it does not exist).
+    /// Reads the keys; a missing key file is an error.
     pub fn load(&self) -> Result<Vec<MasterKey>, VaultError> {
         match self {
             Self::Env(keys) => Ok(keys.clone()),
-            Self::File(path) => {
-                if !path.exists() {
-                    write_key_file(path, &[MasterKey::generate()], true)?;
-                    tracing::info!(path = %path.display(), "created a new master key file (mode 0600)");
-                }
-                read_key_file(path)
-            }
+            Self::File(path) => read_key_file(path),
         }
+    }
+
+    /// Like [`KeySource::load`], but creates the key file with one fresh key when it does not
+    /// exist (only done for a database whose vault is still empty).
+    pub fn load_or_create(&self) -> Result<Vec<MasterKey>, VaultError> {
+        if let Self::File(path) = self
+            && !path.exists()
+        {
+            write_key_file(path, &[MasterKey::generate()], true)?;
+            tracing::info!(path = %path.display(), "created a new master key file (mode 0600)");
+        }
+        self.load()
     }
 }
 
@@ -334,6 +346,9 @@ pub fn read_key_file(path: &Path) -> Result<Vec<MasterKey>, VaultError> {
         path: path.to_owned(),
         source,
     };
+    if !path.exists() {
+        return Err(VaultError::MissingKeyFile(path.to_owned()));
+    }
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
@@ -503,8 +518,13 @@ impl Vault {
     /// Opens the vault: bootstraps version 1 on an empty database, checks the supplied key, and
     /// loads (or creates) the fingerprint key and the JWT signing secret.
     pub async fn open(db: Db, source: KeySource, now_ms: i64) -> Result<Self, VaultError> {
-        let supplied = source.load()?;
-        if master_rows(&db).await?.is_empty() {
+        let fresh_database = master_rows(&db).await?.is_empty();
+        let supplied = if fresh_database {
+            source.load_or_create()?
+        } else {
+            source.load()?
+        };
+        if fresh_database {
             if supplied.len() != 1 {
                 return Err(VaultError::BadKey(
                     "a new database needs exactly one master key".to_owned(),
@@ -965,7 +985,11 @@ mod tests {
     fn key_file_is_private_and_insecure_files_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("master.key");
-        let keys = KeySource::File(path.clone()).load().unwrap();
+        assert!(
+            KeySource::File(path.clone()).load().is_err(),
+            "missing file"
+        );
+        let keys = KeySource::File(path.clone()).load_or_create().unwrap();
         assert_eq!(keys.len(), 1);
         #[cfg(unix)]
         {

@@ -24,7 +24,7 @@ use super::error::{ApiError, ApiResult, ErrorBody, ResultExt};
 use super::extractor::{AppJson, AppPath, AppQuery, AuthUser};
 use super::types::{self, PageParams, Patch, parse_json};
 use crate::clock::format_ms;
-use crate::db::{MAX_BIND_PARAMS, Param, Sql, like_escape};
+use crate::db::{DbKind, MAX_BIND_PARAMS, Param, Sql, like_escape};
 use crate::vault::{self, Sealed, VaultError, key_aad_id, seal_with};
 
 /// Largest accepted import body.
@@ -519,10 +519,9 @@ async fn list_keys(
         filter.push(" AND k.verification_status = ").bind(v);
     }
     if let Some(t) = f.tag {
+        // Driven by the (user_id, tag) index, so a rare tag among 100,000 keys stays cheap.
         filter
-            .push(
-                " AND EXISTS (SELECT 1 FROM api_key_tags t WHERE t.key_id = k.id AND t.user_id = ",
-            )
+            .push(" AND k.id IN (SELECT t.key_id FROM api_key_tags t WHERE t.user_id = ")
             .bind(user.id.clone())
             .push(" AND t.tag = ")
             .bind(t)
@@ -532,15 +531,28 @@ async fn list_keys(
         if s.chars().count() > 128 {
             return Err(ApiError::field("search", "must be at most 128 characters"));
         }
-        let pat = format!("%{}%", like_escape(&s.to_lowercase()));
-        filter
-            .push(" AND (LOWER(k.identifier) LIKE ")
-            .bind(pat.clone())
-            .push(" ESCAPE '\\' OR LOWER(COALESCE(k.alias, '')) LIKE ")
-            .bind(pat.clone())
-            .push(" ESCAPE '\\' OR LOWER(COALESCE(k.description, '')) LIKE ")
-            .bind(pat)
-            .push(" ESCAPE '\\')");
+        // Case-insensitive substring: SQLite's LIKE already ignores ASCII case, PostgreSQL
+        // needs ILIKE. No LOWER()/COALESCE() per row: NULL columns simply do not match.
+        let like = match state.db.kind {
+            DbKind::Sqlite => " LIKE ",
+            DbKind::Postgres => " ILIKE ",
+        };
+        let pat = format!("%{}%", like_escape(&s));
+        filter.push(" AND (");
+        for (i, col) in ["k.identifier", "k.alias", "k.description"]
+            .iter()
+            .enumerate()
+        {
+            if i > 0 {
+                filter.push(" OR ");
+            }
+            filter
+                .push(col)
+                .push(like)
+                .bind(pat.clone())
+                .push(" ESCAPE '\\'");
+        }
+        filter.push(")");
     }
     let count_sql = filter.derive(format!("SELECT COUNT(*) AS n{}", filter.text));
     let total: i64 = count_sql
@@ -833,6 +845,18 @@ async fn import_rows(
         valid.into_iter().map(|(_, k, fp)| (k, fp)).collect(),
     )
     .await?;
+    if state.db.kind == DbKind::Postgres && ids.len() >= 1000 {
+        // Keep planner statistics fresh after a bulk load (autovacuum may be off or late).
+        let pool = state.db.pool.clone();
+        tokio::spawn(async move {
+            if let Err(e) = sqlx::query("ANALYZE api_keys, api_key_tags")
+                .execute(&pool)
+                .await
+            {
+                tracing::warn!(error = %e, "ANALYZE after import failed");
+            }
+        });
+    }
     let results = meta
         .into_iter()
         .zip(ids)
@@ -862,18 +886,19 @@ async fn existing(
 ) -> ApiResult<HashMap<String, String>> {
     let mut out = HashMap::new();
     for chunk in values.chunks(1000) {
+        // A join against a VALUES list (not `IN (...)`): the plan stays an index probe per value
+        // even without fresh statistics, where a long IN list of parameters can degrade into
+        // comparing every stored row with every value.
         let mut sql = Sql::for_db(
             state.db.kind,
-            &format!("SELECT {col} AS v, {ret} AS r FROM api_keys WHERE user_id = "),
+            &format!("SELECT k.{col} AS v, k.{ret} AS r FROM api_keys k JOIN (VALUES "),
         );
-        sql.bind(user.id.clone()).push(&format!(" AND {col} IN ("));
         for (i, v) in chunk.iter().enumerate() {
-            if i > 0 {
-                sql.push(", ");
-            }
-            sql.bind(v.clone());
+            sql.push(if i == 0 { "(" } else { ", (" });
+            sql.bind(v.clone()).push(")");
         }
-        sql.push(")");
+        sql.push(&format!(") AS v ON k.{col} = v.column1 WHERE k.user_id = "))
+            .bind(user.id.clone());
         for r in sql.into_query().fetch_all(&state.db.pool).await? {
             out.insert(r.try_get("v")?, r.try_get("r")?);
         }
