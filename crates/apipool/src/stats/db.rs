@@ -244,6 +244,18 @@ where
         .collect()
 }
 
+impl Target {
+    /// A SQLite file whose WAL the writer checkpoints itself.
+    pub(crate) fn checkpoints_in_background(&self) -> bool {
+        match self {
+            #[cfg(feature = "sqlite")]
+            Target::Sqlite { in_memory, .. } => !in_memory,
+            #[allow(unreachable_patterns)]
+            _ => false,
+        }
+    }
+}
+
 /// A parsed collector URL.
 #[derive(Debug)]
 pub(crate) enum Target {
@@ -279,9 +291,12 @@ pub(crate) fn parse_url(url: &str) -> Result<Target, StatsError> {
                 if !lower.contains("mode=") {
                     o = o.create_if_missing(true);
                 }
+                // WAL, fsync only at checkpoints, and checkpoints run by the writer on another
+                // connection (so the fsyncs overlap with the next batch instead of stalling it).
                 o = o
                     .journal_mode(SqliteJournalMode::Wal)
-                    .synchronous(SqliteSynchronous::Normal);
+                    .synchronous(SqliteSynchronous::Normal)
+                    .pragma("wal_autocheckpoint", "0");
             }
             return Ok(Target::Sqlite {
                 options: o,

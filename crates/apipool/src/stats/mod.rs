@@ -215,6 +215,7 @@ impl StatsCollector {
     /// Async [`StatsCollector::open_with`].
     pub async fn aopen_with(url: &str, config: StatsConfig) -> Result<Self, StatsError> {
         let target = db::parse_url(url)?;
+        let background_checkpoints = target.checkpoints_in_background();
         let runtime = new_runtime()?;
         let url_owned = url.to_owned();
         let cfg = config.clone();
@@ -234,7 +235,7 @@ impl StatsCollector {
             runtime,
             pool,
             config,
-            true,
+            (true, background_checkpoints),
             error::redact_url(url),
         ))
     }
@@ -257,14 +258,14 @@ impl StatsCollector {
             .await
             .map_err(|_| StatsError::Closed)??;
         let label = format!("{:?} pool", pool.dialect());
-        Ok(Self::start(runtime, pool, config, false, label))
+        Ok(Self::start(runtime, pool, config, (false, false), label))
     }
 
     fn start(
         runtime: RuntimeGuard,
         pool: StatsPool,
         config: StatsConfig,
-        owns_pool: bool,
+        (owns_pool, background_checkpoints): (bool, bool),
         label: String,
     ) -> Self {
         let queue = Arc::new(Queue::new(config.queue_capacity, config.batch_size));
@@ -274,6 +275,7 @@ impl StatsCollector {
             config,
             metrics: writer::Metrics::default(),
             owns_pool,
+            background_checkpoints,
         });
         let (done_tx, done_rx) = std::sync::mpsc::channel();
         let (s, q) = (Arc::clone(&shared), Arc::clone(&queue));

@@ -24,6 +24,14 @@ use crate::status::CallEvent;
 /// arrays). Smaller remainders use power-of-two sizes so few distinct statements get prepared.
 const ROWS_PER_STATEMENT: usize = 1_000;
 
+/// Events committed between two background WAL checkpoints (SQLite files).
+const CHECKPOINT_EVERY: usize = 20_000;
+
+/// Events committed between two checkpoints run while the writer waits, which let the next
+/// transaction restart the WAL from its beginning. Background checkpoints never catch up with a
+/// busy writer, so without these the WAL would grow for as long as the load lasts.
+const RESTART_WAL_EVERY: usize = 200_000;
+
 /// How long batch ids are kept for the exactly-once check.
 const BATCH_MARKER_TTL: Duration = Duration::from_secs(3_600);
 
@@ -38,6 +46,9 @@ pub(crate) struct Shared {
     pub(crate) metrics: Metrics,
     /// Close the pool when the writer stops (false when the caller lent us their pool).
     pub(crate) owns_pool: bool,
+    /// A SQLite file opened with `wal_autocheckpoint = 0`: the writer checkpoints in the
+    /// background.
+    pub(crate) background_checkpoints: bool,
 }
 
 /// Writer counters, read by [`crate::stats::StatsCollector::writer_stats`].
@@ -98,17 +109,8 @@ fn clip_arc(s: &Arc<str>) -> Arc<str> {
 macro_rules! insert_values {
     ($w:expr, $p:expr, $d:expr, $batch:expr, $batch_id:expr, $now:expr) => {{
         let empty: Arc<str> = Arc::from("");
-        let mut tx = $p.begin_with(begin_write($d)).await?;
-        let mut rest: &[CallEvent] = $batch;
-        while !rest.is_empty() {
-            let rows = if rest.len() >= ROWS_PER_STATEMENT {
-                ROWS_PER_STATEMENT
-            } else {
-                1 << rest.len().ilog2()
-            };
-            let (chunk, tail) = rest.split_at(rows);
-            rest = tail;
-            let mut q = sqlx::query(AssertSqlSafe($w.values_statement($d, rows)));
+        let mut bind_chunk = |chunk: &[CallEvent]| {
+            let mut q = sqlx::query(AssertSqlSafe($w.values_statement($d, chunk.len())));
             for e in chunk {
                 q = q
                     .bind(clip_arc(&e.key_identifier))
@@ -119,7 +121,20 @@ macro_rules! insert_values {
                     .bind(e.pool.as_ref().map_or_else(|| empty.clone(), clip_arc))
                     .bind(e.dedup_id.as_ref().map(clip_arc));
             }
-            q.execute(&mut *tx).await?;
+            q
+        };
+        let mut tx = $p.begin_with(begin_write($d)).await?;
+        let mut chunks = statement_chunks($batch);
+        let mut next = chunks.next().map(&mut bind_chunk);
+        while let Some(q) = next.take() {
+            let mut running = Box::pin(q.execute(&mut *tx));
+            // Send the statement, then bind the next one while the database works on it.
+            let first = futures::poll!(running.as_mut());
+            next = chunks.next().map(&mut bind_chunk);
+            match first {
+                std::task::Poll::Ready(r) => r?,
+                std::task::Poll::Pending => running.await?,
+            };
         }
         let mut marker = Sql::new(
             $d,
@@ -136,6 +151,31 @@ macro_rules! insert_values {
     }};
 }
 
+/// Splits a batch into statements of [`ROWS_PER_STATEMENT`] rows, then power-of-two remainders.
+fn statement_chunks(batch: &[CallEvent]) -> impl Iterator<Item = &[CallEvent]> {
+    let mut rest = batch;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let rows = if rest.len() >= ROWS_PER_STATEMENT {
+            ROWS_PER_STATEMENT
+        } else {
+            1 << rest.len().ilog2()
+        };
+        let (chunk, tail) = rest.split_at(rows);
+        rest = tail;
+        Some(chunk)
+    })
+}
+
+async fn run_checkpoint(shared: &Shared) {
+    let sql = Sql::new(shared.dialect, "PRAGMA wal_checkpoint(PASSIVE)");
+    if let Err(e) = shared.db.execute(sql).await {
+        tracing::warn!(error = %e, "apipool stats: WAL checkpoint failed; will try again");
+    }
+}
+
 /// Runs the writer until the queue is closed and drained (or the shutdown deadline passes).
 pub(crate) async fn run(shared: Arc<Shared>, queue: Arc<Queue>) {
     let next_prune = Instant::now() + shared.config.prune_interval;
@@ -148,6 +188,9 @@ pub(crate) async fn run(shared: Arc<Shared>, queue: Arc<Queue>) {
         next_prune,
         statements: HashMap::new(),
         gave_up: false,
+        since_checkpoint: 0,
+        since_wal_restart: 0,
+        checkpointing: None,
     };
     w.run().await;
     if w.shared.owns_pool {
@@ -168,6 +211,12 @@ struct Writer {
     /// Multi-row INSERT text by row count.
     statements: HashMap<usize, Arc<str>>,
     gave_up: bool,
+    /// Events committed since the last checkpoint was started.
+    since_checkpoint: usize,
+    /// Events committed since the last checkpoint the writer waited for.
+    since_wal_restart: usize,
+    /// The background checkpoint in flight, if any.
+    checkpointing: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Writer {
@@ -194,6 +243,7 @@ impl Writer {
             }
             if Instant::now() >= self.next_prune {
                 self.next_prune = Instant::now() + self.shared.config.prune_interval;
+                self.checkpoint();
                 if let Err(e) = self.prune().await {
                     tracing::warn!(error = %e, "apipool stats: background pruning failed; will try again");
                 }
@@ -275,6 +325,13 @@ impl Writer {
                     m.in_writer.fetch_sub(n as u64, Ordering::Relaxed);
                     m.consecutive_failures.store(0, Ordering::Relaxed);
                     self.pending_events -= n;
+                    self.since_checkpoint += n;
+                    self.since_wal_restart += n;
+                    if self.since_wal_restart >= RESTART_WAL_EVERY {
+                        self.checkpoint_and_wait().await;
+                    } else if self.since_checkpoint >= CHECKPOINT_EVERY {
+                        self.checkpoint();
+                    }
                     if attempt > 0 {
                         tracing::info!(
                             attempts = attempt + 1,
@@ -323,6 +380,39 @@ impl Writer {
                 }
             }
         }
+    }
+
+    /// Starts a WAL checkpoint on another connection unless one is running. SQLite allows a
+    /// passive checkpoint next to a writer; its fsyncs then overlap with the next batches.
+    fn checkpoint(&mut self) {
+        if !self.shared.background_checkpoints
+            || self.since_checkpoint == 0
+            || self
+                .checkpointing
+                .as_ref()
+                .is_some_and(|h| !h.is_finished())
+        {
+            return;
+        }
+        self.since_checkpoint = 0;
+        let shared = Arc::clone(&self.shared);
+        self.checkpointing = Some(tokio::spawn(async move {
+            run_checkpoint(&shared).await;
+        }));
+    }
+
+    /// Checkpoints while no transaction is open, so every frame is copied and the next
+    /// transaction writes the WAL from its start again (bounding its size under constant load).
+    async fn checkpoint_and_wait(&mut self) {
+        if !self.shared.background_checkpoints {
+            return;
+        }
+        if let Some(running) = self.checkpointing.take() {
+            let _ = running.await;
+        }
+        run_checkpoint(&self.shared).await;
+        self.since_checkpoint = 0;
+        self.since_wal_restart = 0;
     }
 
     /// The shutdown deadline passed with the database still unreachable: drop what is left,
