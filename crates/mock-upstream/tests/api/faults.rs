@@ -79,10 +79,11 @@ async fn error_burst_fails_the_next_n_admitted_requests() {
 
 #[tokio::test]
 async fn latency_applies_after_admission_only() {
+    let latency = Duration::from_millis(400);
     let server = start(Config {
         rate: 1,
         interval: 60.0,
-        latency_ms: 200,
+        latency_ms: 400,
         ..config(&["k1"])
     })
     .await;
@@ -92,27 +93,16 @@ async fn latency_applies_after_admission_only() {
 
     let t = Instant::now();
     assert_eq!(status(&c, &server, "k1", "x").await, 200);
-    assert!(
-        t.elapsed() >= Duration::from_millis(200),
-        "{:?}",
-        t.elapsed()
-    );
+    assert!(t.elapsed() >= latency, "{:?}", t.elapsed());
 
+    // Refusals answer at once: well under the latency, even on a busy machine.
     let t = Instant::now();
     assert_eq!(status(&c, &server, "k1", "x").await, 429);
-    assert!(
-        t.elapsed() < Duration::from_millis(150),
-        "{:?}",
-        t.elapsed()
-    );
+    assert!(t.elapsed() < latency / 2, "{:?}", t.elapsed());
 
     let t = Instant::now();
     assert_eq!(status(&c, &server, "nope", "x").await, 401);
-    assert!(
-        t.elapsed() < Duration::from_millis(150),
-        "{:?}",
-        t.elapsed()
-    );
+    assert!(t.elapsed() < latency / 2, "{:?}", t.elapsed());
 }
 
 #[tokio::test]
@@ -137,7 +127,7 @@ async fn timeout_rate_hangs_and_shutdown_ends_the_hang() {
     assert_eq!(server.stats().faults.timeouts, 1);
     let t = Instant::now();
     server.shutdown().await.expect("clean shutdown");
-    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    assert!(t.elapsed() < Duration::from_secs(4), "{:?}", t.elapsed());
 }
 
 #[tokio::test]
@@ -170,7 +160,7 @@ async fn reset_rate_drops_the_connection_without_a_response() {
 #[tokio::test]
 async fn slow_body_sends_headers_first_then_the_body_slowly() {
     let server = start(Config {
-        slow_body_ms: 400,
+        slow_body_ms: 800,
         ..config(&["k1"])
     })
     .await;
@@ -181,8 +171,9 @@ async fn slow_body_sends_headers_first_then_the_body_slowly() {
     assert_eq!(resp.status(), 200);
     let body = json(resp).await;
     let body_at = t.elapsed();
-    assert!(headers_at < Duration::from_millis(300), "{headers_at:?}");
-    assert!(body_at >= Duration::from_millis(350), "{body_at:?}");
+    // The body takes 8 pauses of 100 ms; the headers come before the first.
+    assert!(headers_at < Duration::from_millis(400), "{headers_at:?}");
+    assert!(body_at >= Duration::from_millis(800), "{body_at:?}");
     assert_eq!(body["id"], "eth");
     assert_eq!(server.stats().faults.slow_bodies, 1);
 }
