@@ -20,7 +20,7 @@
 //! use std::time::{Duration, SystemTime};
 //! use std::sync::Arc;
 //! use apipool::stats::StatsCollector;
-//! use apipool::{CallEvent, CallStatus, StatsSink};
+//! use apipool::{CallEvent, CallStatus};
 //!
 //! let stats = StatsCollector::in_memory().unwrap();
 //! stats.record(CallEvent {
@@ -47,11 +47,9 @@
 //!
 //! # Schema
 //!
-//! See [`schema`](self#schema-tables) below and the `schema` module docs: tables
-//! `apipool_stats_meta`, `apipool_stats_status`, `apipool_stats_events`,
-//! `apipool_stats_batches`, created on first use.
-//!
-//! ## Schema tables
+//! Created on first use (`CREATE TABLE IF NOT EXISTS` plus a version row; sqlx's
+//! `_sqlx_migrations` is left to the host application). All names are prefixed, so the tables
+//! can live in another application's database.
 //!
 //! | table | content |
 //! |---|---|

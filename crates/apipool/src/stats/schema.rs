@@ -37,7 +37,7 @@ pub const SCHEMA_VERSION: i64 = 1;
 /// are cut at this length.
 pub(crate) const MAX_TEXT_CHARS: usize = 255;
 
-const LOCK_ID: i64 = 0x6170_6970_6f6f_6c; // "apipool"
+const LOCK_ID: i64 = 0x0061_7069_706f_6f6c; // "apipool"
 
 /// `BEGIN` for a transaction that will write (SQLite takes the write lock at once, so two
 /// writers never deadlock upgrading a read lock).
