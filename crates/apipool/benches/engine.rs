@@ -36,7 +36,12 @@ fn acquire_report(c: &mut Criterion) {
     let mut g = c.benchmark_group("acquire_report");
     g.throughput(Throughput::Elements(1));
     for n in [10usize, 100_000] {
-        for strategy in [Strategy::Random, Strategy::RoundRobin, Strategy::LeastUsed, Strategy::Weighted] {
+        for strategy in [
+            Strategy::Random,
+            Strategy::RoundRobin,
+            Strategy::LeastUsed,
+            Strategy::Weighted,
+        ] {
             let p = pool(n, strategy, false);
             g.bench_with_input(BenchmarkId::new(format!("{strategy}"), n), &p, |b, p| {
                 b.iter(|| {
@@ -60,21 +65,25 @@ fn threads(c: &mut Criterion) {
     for threads in [1usize, 2, 4] {
         g.throughput(Throughput::Elements(threads as u64));
         let p = pool(10, Strategy::RoundRobin, false);
-        g.bench_with_input(BenchmarkId::from_parameter(threads), &threads, |b, &threads| {
-            b.iter_custom(|iters| {
-                let start = Instant::now();
-                std::thread::scope(|s| {
-                    for _ in 0..threads {
-                        s.spawn(|| {
-                            for _ in 0..iters {
-                                p.try_acquire().unwrap().report(Outcome::Success);
-                            }
-                        });
-                    }
+        g.bench_with_input(
+            BenchmarkId::from_parameter(threads),
+            &threads,
+            |b, &threads| {
+                b.iter_custom(|iters| {
+                    let start = Instant::now();
+                    std::thread::scope(|s| {
+                        for _ in 0..threads {
+                            s.spawn(|| {
+                                for _ in 0..iters {
+                                    p.try_acquire().unwrap().report(Outcome::Success);
+                                }
+                            });
+                        }
+                    });
+                    start.elapsed()
                 });
-                start.elapsed()
-            });
-        });
+            },
+        );
     }
     g.finish();
 }

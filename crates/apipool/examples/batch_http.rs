@@ -68,23 +68,35 @@ fn main() -> anyhow::Result<()> {
     let items: Vec<(String, String)> = (args.id_offset..args.id_offset + args.items)
         .map(|i| (format!("item-{i}"), format!("item-{i}")))
         .collect();
-    let mut opts = BatchOptions::new().concurrency(args.concurrency).label("GET /price");
+    let mut opts = BatchOptions::new()
+        .concurrency(args.concurrency)
+        .label("GET /price");
     if args.progress {
         opts = opts.on_progress(|p| {
             if p.done % 100 == 0 || p.done == p.total {
-                eprintln!("{}/{} done, {} failed, {:.1}s", p.done, p.total, p.failed, p.elapsed.as_secs_f64());
+                eprintln!(
+                    "{}/{} done, {} failed, {:.1}s",
+                    p.done,
+                    p.total,
+                    p.failed,
+                    p.elapsed.as_secs_f64()
+                );
             }
         });
     }
     let classifier = HttpClassifier::new();
     let url = format!("{base}/price");
     let result = if args.sync {
-        let http = reqwest::blocking::Client::builder().timeout(Duration::from_secs(30)).build()?;
+        let http = reqwest::blocking::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()?;
         pool.batch_exec(
             items,
             &classifier,
             |key, id: &String| -> Result<Fetched, reqwest::Error> {
-                let resp = key.apply_blocking(http.get(&url).query(&[("id", id)])).send()?;
+                let resp = key
+                    .apply_blocking(http.get(&url).query(&[("id", id)]))
+                    .send()?;
                 let (status, headers) = (resp.status().as_u16(), resp.headers().clone());
                 resp.bytes()?;
                 Ok((status, headers, ()))
@@ -92,16 +104,23 @@ fn main() -> anyhow::Result<()> {
             opts,
         )?
     } else {
-        let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?;
         runtime.block_on(async {
-            let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build()?;
+            let http = reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()?;
             let (http, url) = (&http, &url);
             let r = pool
                 .abatch_exec(
                     items,
                     &classifier,
                     |key, id: String| async move {
-                        let resp = key.apply(http.get(url).query(&[("id", &id)])).send().await?;
+                        let resp = key
+                            .apply(http.get(url).query(&[("id", &id)]))
+                            .send()
+                            .await?;
                         let (status, headers) = (resp.status().as_u16(), resp.headers().clone());
                         resp.bytes().await?;
                         Ok::<Fetched, reqwest::Error>((status, headers, ()))
@@ -113,7 +132,11 @@ fn main() -> anyhow::Result<()> {
         })?
     };
     // An item succeeded when its final answer was a 2xx.
-    let succeeded = result.results.values().filter(|(status, _, ())| (200..300).contains(status)).count();
+    let succeeded = result
+        .results
+        .values()
+        .filter(|(status, _, ())| (200..300).contains(status))
+        .count();
     let summary = serde_json::json!({
         "total": result.total,
         "succeeded": succeeded,
@@ -121,7 +144,10 @@ fn main() -> anyhow::Result<()> {
         "elapsed_s": (result.elapsed.as_secs_f64() * 1000.0).round() / 1000.0,
     });
     if !result.banned_keys.is_empty() {
-        eprintln!("keys banned or archived at the end: {}", result.banned_keys.join(", "));
+        eprintln!(
+            "keys banned or archived at the end: {}",
+            result.banned_keys.join(", ")
+        );
     }
     println!("{summary}");
     Ok(())

@@ -70,7 +70,9 @@ impl FromStr for Strategy {
             "weighted" => Ok(Strategy::Weighted),
             _ => Err(ConfigError::new(
                 "rotation_strategy",
-                format!("unknown strategy {s:?}; use one of random, round_robin, least_used, weighted"),
+                format!(
+                    "unknown strategy {s:?}; use one of random, round_robin, least_used, weighted"
+                ),
             )),
         }
     }
@@ -89,10 +91,16 @@ impl RateLimit {
     /// `limit` calls per `interval`. Both must be positive.
     pub fn new(limit: u32, interval: Duration) -> Result<Self, ConfigError> {
         if limit == 0 {
-            return Err(ConfigError::new("rate_limit", "must be at least 1 call per interval"));
+            return Err(ConfigError::new(
+                "rate_limit",
+                "must be at least 1 call per interval",
+            ));
         }
         if interval.is_zero() {
-            return Err(ConfigError::new("rate_limit_interval", "must be longer than zero"));
+            return Err(ConfigError::new(
+                "rate_limit_interval",
+                "must be longer than zero",
+            ));
         }
         // The engine counts each call at its completion, which is never earlier than the upstream
         // saw it, so no safety margin is needed by default.
@@ -150,10 +158,16 @@ impl RateLimit {
 /// Parses a duration given in seconds, refusing NaN, infinities and negatives.
 pub(crate) fn secs(field: &str, v: f64) -> Result<Duration, ConfigError> {
     if !v.is_finite() {
-        return Err(ConfigError::new(field, format!("must be a finite number of seconds, got {v}")));
+        return Err(ConfigError::new(
+            field,
+            format!("must be a finite number of seconds, got {v}"),
+        ));
     }
     if v < 0.0 {
-        return Err(ConfigError::new(field, format!("must not be negative, got {v}")));
+        return Err(ConfigError::new(
+            field,
+            format!("must not be negative, got {v}"),
+        ));
     }
     Duration::try_from_secs_f64(v).map_err(|e| ConfigError::new(field, e.to_string()))
 }
@@ -262,7 +276,12 @@ impl PoolConfig {
                     .map(|(k, v)| (k.clone(), v.clone()))
                     .collect(),
             ),
-            _ => return Err(ConfigError::new("pool_config", "must be a JSON object or null")),
+            _ => {
+                return Err(ConfigError::new(
+                    "pool_config",
+                    "must be a JSON object or null",
+                ));
+            }
         };
         let cfg: PoolConfig = serde_json::from_value(cleaned.clone()).map_err(|e| {
             // Name the offending field: re-parse each field on its own to find it.
@@ -294,8 +313,9 @@ impl PoolConfig {
             return Err(ConfigError::new("ban_threshold", "must be at least 1"));
         }
         for (i, spec) in self.rate_limits.iter().enumerate() {
-            RateLimit::from_secs_f64(spec.limit, spec.interval)
-                .map_err(|e| ConfigError::new(format!("rate_limits[{i}].{}", e.field), e.message))?;
+            RateLimit::from_secs_f64(spec.limit, spec.interval).map_err(|e| {
+                ConfigError::new(format!("rate_limits[{i}].{}", e.field), e.message)
+            })?;
         }
         Ok(())
     }
@@ -304,7 +324,10 @@ impl PoolConfig {
     pub fn limits(&self) -> Result<Vec<RateLimit>, ConfigError> {
         let mut out = Vec::new();
         if self.rate_limit > 0 {
-            out.push(RateLimit::from_secs_f64(self.rate_limit, self.rate_limit_interval)?);
+            out.push(RateLimit::from_secs_f64(
+                self.rate_limit,
+                self.rate_limit_interval,
+            )?);
         }
         for spec in &self.rate_limits {
             out.push(RateLimit::from_secs_f64(spec.limit, spec.interval)?);
@@ -342,10 +365,18 @@ mod tests {
 
     #[test]
     fn strategy_names_parse_and_unknown_is_a_clear_error() {
-        for s in [Strategy::Random, Strategy::RoundRobin, Strategy::LeastUsed, Strategy::Weighted] {
+        for s in [
+            Strategy::Random,
+            Strategy::RoundRobin,
+            Strategy::LeastUsed,
+            Strategy::Weighted,
+        ] {
             assert_eq!(s.as_str().parse::<Strategy>().unwrap(), s);
         }
-        assert_eq!("Round-Robin".parse::<Strategy>().unwrap(), Strategy::RoundRobin);
+        assert_eq!(
+            "Round-Robin".parse::<Strategy>().unwrap(),
+            Strategy::RoundRobin
+        );
         let err = "fastest".parse::<Strategy>().unwrap_err();
         assert_eq!(err.field, "rotation_strategy");
         assert!(err.message.contains("round_robin"), "{err}");
@@ -374,7 +405,10 @@ mod tests {
             (json!({"rate_limit_interval": 0}), "rate_limit_interval"),
             (json!({"ban_threshold": 0}), "ban_threshold"),
             (json!({"ban_duration": -5}), "ban_duration"),
-            (json!({"rate_limits": [{"limit": 0, "interval": 1}]}), "rate_limits[0].rate_limit"),
+            (
+                json!({"rate_limits": [{"limit": 0, "interval": 1}]}),
+                "rate_limits[0].rate_limit",
+            ),
             (json!({"concurrency": "many"}), "concurrency"),
             (json!([1, 2]), "pool_config"),
         ];
@@ -392,7 +426,12 @@ mod tests {
         assert!(RateLimit::new(1, Duration::ZERO).is_err());
         let r = RateLimit::per_second(20).unwrap();
         assert_eq!(r.effective_interval(), Duration::from_secs(1));
-        let d = RateLimit::per_day(1000).unwrap().with_margin(Duration::from_millis(5));
-        assert_eq!(d.effective_interval(), Duration::from_secs(86_400) + Duration::from_millis(5));
+        let d = RateLimit::per_day(1000)
+            .unwrap()
+            .with_margin(Duration::from_millis(5));
+        assert_eq!(
+            d.effective_interval(),
+            Duration::from_secs(86_400) + Duration::from_millis(5)
+        );
     }
 }

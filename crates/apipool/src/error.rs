@@ -61,7 +61,9 @@ pub enum CallError<E> {
         attempts: u32,
     },
     /// The call did not finish within its timeout (after any retries).
-    #[error("the call timed out after {timeout:?} ({attempts} attempt(s)); raise `timeout` or check the upstream")]
+    #[error(
+        "the call timed out after {timeout:?} ({attempts} attempt(s)); raise `timeout` or check the upstream"
+    )]
     Timeout {
         /// The per-call timeout.
         timeout: Duration,

@@ -42,7 +42,10 @@ pub trait ApiKey: Send + Sync + 'static {
     }
 
     /// Async twin of [`ApiKey::test_usability`]. Default: runs the sync check.
-    fn atest_usability<'a>(&'a self, client: &'a Self::Client) -> impl Future<Output = bool> + Send + 'a {
+    fn atest_usability<'a>(
+        &'a self,
+        client: &'a Self::Client,
+    ) -> impl Future<Output = bool> + Send + 'a {
         let usable = self.test_usability(client);
         async move { usable }
     }

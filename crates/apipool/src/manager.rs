@@ -50,7 +50,9 @@ impl<K: ApiKey> Deref for KeyClient<K> {
 
 impl<K: ApiKey> fmt::Debug for KeyClient<K> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("KeyClient").field("identifier", &self.id).finish_non_exhaustive()
+        f.debug_struct("KeyClient")
+            .field("identifier", &self.id)
+            .finish_non_exhaustive()
     }
 }
 
@@ -172,7 +174,9 @@ pub struct Lease<K: ApiKey> {
 
 impl<K: ApiKey> fmt::Debug for Lease<K> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Lease").field("key", &self.entry.id).finish_non_exhaustive()
+        f.debug_struct("Lease")
+            .field("key", &self.entry.id)
+            .finish_non_exhaustive()
     }
 }
 
@@ -208,7 +212,9 @@ impl<K: ApiKey> Lease<K> {
     }
 
     fn finish(&mut self, outcome: Option<Outcome>) {
-        let Some(token) = self.token.take() else { return };
+        let Some(token) = self.token.take() else {
+            return;
+        };
         let inner = &self.inner;
         let now = inner.clock.now();
         inner.state.lock().engine.report(token, outcome, now);
@@ -368,8 +374,15 @@ impl<K: ApiKey> ApiKeyManager<K> {
                 identifier: id.to_string(),
             });
         }
-        let idx = st.engine.add_key(id.clone(), key.weight(), key.scope(), now);
-        let entry = Arc::new(KeyClient { key, client, id, idx });
+        let idx = st
+            .engine
+            .add_key(id.clone(), key.weight(), key.scope(), now);
+        let entry = Arc::new(KeyClient {
+            key,
+            client,
+            id,
+            idx,
+        });
         let slot = idx as usize;
         if st.entries.len() <= slot {
             st.entries.resize_with(slot + 1, || None);
@@ -384,13 +397,18 @@ impl<K: ApiKey> ApiKeyManager<K> {
     /// Removes the key with this primary key and returns it. Calls in flight on it finish normally.
     pub fn remove_one(&self, primary_key: &str) -> Result<Arc<KeyClient<K>>, Error> {
         let mut st = self.inner.state.lock();
-        let idx = st.by_pk.remove(primary_key).ok_or_else(|| Error::UnknownKey {
-            identifier: crate::key::fingerprint(primary_key),
-        })?;
+        let idx = st
+            .by_pk
+            .remove(primary_key)
+            .ok_or_else(|| Error::UnknownKey {
+                identifier: crate::key::fingerprint(primary_key),
+            })?;
         st.engine.remove_key(idx);
-        let entry = st.entries[idx as usize].take().ok_or_else(|| Error::UnknownKey {
-            identifier: crate::key::fingerprint(primary_key),
-        })?;
+        let entry = st.entries[idx as usize]
+            .take()
+            .ok_or_else(|| Error::UnknownKey {
+                identifier: crate::key::fingerprint(primary_key),
+            })?;
         Ok(entry)
     }
 
@@ -454,9 +472,10 @@ impl<K: ApiKey> ApiKeyManager<K> {
     /// Says why a key is (or is not) skipped right now.
     pub fn explain(&self, key: &str) -> Result<KeyReport, Error> {
         let now = self.inner.clock.now();
-        self.with_key(key, |e, k| e.explain(k, now))?.ok_or_else(|| Error::UnknownKey {
-            identifier: key.to_owned(),
-        })
+        self.with_key(key, |e, k| e.explain(k, now))?
+            .ok_or_else(|| Error::UnknownKey {
+                identifier: key.to_owned(),
+            })
     }
 
     /// Reports on every key (in insertion-slot order).
@@ -478,7 +497,14 @@ impl<K: ApiKey> ApiKeyManager<K> {
 
     /// Every key with its client (for usability checks, or to close clients).
     pub fn keys(&self) -> Vec<Arc<KeyClient<K>>> {
-        self.inner.state.lock().entries.iter().flatten().cloned().collect()
+        self.inner
+            .state
+            .lock()
+            .entries
+            .iter()
+            .flatten()
+            .cloned()
+            .collect()
     }
 
     /// Picks a key and lends it, if one is free now. Never waits.
@@ -579,7 +605,10 @@ impl<K: ApiKey> ApiKeyManager<K> {
     }
 
     /// Runs `op` with a key's client, classifying `Err` as a failure (see [`Self::call_with`]).
-    pub fn call<T, E>(&self, op: impl FnMut(&K::Client) -> Result<T, E>) -> Result<T, CallError<E>> {
+    pub fn call<T, E>(
+        &self,
+        op: impl FnMut(&K::Client) -> Result<T, E>,
+    ) -> Result<T, CallError<E>> {
         self.call_with(&DefaultClassifier, op)
     }
 
@@ -616,7 +645,12 @@ impl<K: ApiKey> ApiKeyManager<K> {
             let mut outcome = classifier.classify(&result);
             if outcome == Outcome::Success || outcome.is_failure() {
                 // A sync call cannot be interrupted; an overrun still counts as a timeout.
-                if self.inner.clock.now().saturating_duration_since(lease.started) > opts.timeout
+                if self
+                    .inner
+                    .clock
+                    .now()
+                    .saturating_duration_since(lease.started)
+                    > opts.timeout
                     && result.is_err()
                 {
                     outcome = Outcome::Timeout;
@@ -643,13 +677,18 @@ impl<K: ApiKey> ApiKeyManager<K> {
     /// classifies, and retries on another key per the pool's retry policy.
     ///
     /// Multi-level client chains are plain Rust: `pool.acall(|c| async move { c.coins().price("btc").await })`.
-    pub async fn acall_with<T, E, C, F, Fut>(&self, classifier: &C, op: F) -> Result<T, CallError<E>>
+    pub async fn acall_with<T, E, C, F, Fut>(
+        &self,
+        classifier: &C,
+        op: F,
+    ) -> Result<T, CallError<E>>
     where
         C: Classifier<T, E> + ?Sized,
         F: FnMut(Arc<KeyClient<K>>) -> Fut,
         Fut: Future<Output = Result<T, E>>,
     {
-        self.acall_with_opts(classifier, &CallOpts::from(self.call_settings()), op).await
+        self.acall_with_opts(classifier, &CallOpts::from(self.call_settings()), op)
+            .await
     }
 
     pub(crate) async fn acall_with_opts<T, E, C, F, Fut>(
@@ -695,8 +734,11 @@ impl<K: ApiKey> ApiKeyManager<K> {
     /// Archives every key whose [`ApiKey::test_usability`] fails, wherever it sits in the pool.
     /// Returns the identifiers archived.
     pub fn check_usable(&self) -> Vec<String> {
-        let bad: Vec<Arc<KeyClient<K>>> =
-            self.keys().into_iter().filter(|e| !e.key.test_usability(&e.client)).collect();
+        let bad: Vec<Arc<KeyClient<K>>> = self
+            .keys()
+            .into_iter()
+            .filter(|e| !e.key.test_usability(&e.client))
+            .collect();
         self.archive_unusable(bad)
     }
 
@@ -705,7 +747,12 @@ impl<K: ApiKey> ApiKeyManager<K> {
         let keys = self.keys();
         let checks = keys.iter().map(|e| e.key.atest_usability(&e.client));
         let results = futures::future::join_all(checks).await;
-        let bad = keys.into_iter().zip(results).filter(|(_, ok)| !ok).map(|(e, _)| e).collect();
+        let bad = keys
+            .into_iter()
+            .zip(results)
+            .filter(|(_, ok)| !ok)
+            .map(|(e, _)| e)
+            .collect();
         self.archive_unusable(bad)
     }
 
@@ -713,7 +760,11 @@ impl<K: ApiKey> ApiKeyManager<K> {
         let mut st = self.inner.state.lock();
         let mut archived = Vec::new();
         for e in bad {
-            let still_here = st.entries.get(e.idx as usize).and_then(Option::as_ref).is_some_and(|x| Arc::ptr_eq(x, &e));
+            let still_here = st
+                .entries
+                .get(e.idx as usize)
+                .and_then(Option::as_ref)
+                .is_some_and(|x| Arc::ptr_eq(x, &e));
             if still_here {
                 st.engine.archive(e.idx, ArchiveReason::Unusable);
                 archived.push(e.id.to_string());
@@ -731,7 +782,11 @@ fn finish<T, E>(result: Result<T, E>, outcome: Outcome, attempts: u32) -> Result
     })
 }
 
-fn settings_from_config(settings: &mut Settings, config: &PoolConfig, limits: Vec<RateLimit>) -> Result<(), Error> {
+fn settings_from_config(
+    settings: &mut Settings,
+    config: &PoolConfig,
+    limits: Vec<RateLimit>,
+) -> Result<(), Error> {
     settings.limits = limits;
     settings.max_in_flight = config.max_in_flight_per_key;
     settings.ban_threshold = config.ban_threshold;
@@ -741,7 +796,10 @@ fn settings_from_config(settings: &mut Settings, config: &PoolConfig, limits: Ve
     Ok(())
 }
 
-fn call_settings_from_config(config: &PoolConfig, max_refusals: u32) -> Result<CallSettings, ConfigError> {
+fn call_settings_from_config(
+    config: &PoolConfig,
+    max_refusals: u32,
+) -> Result<CallSettings, ConfigError> {
     config.validate()?;
     Ok(CallSettings {
         retry: RetryPolicy {
@@ -902,7 +960,12 @@ impl<K: ApiKey> ApiKeyManagerBuilder<K> {
 
     /// Declares a quota scope: keys whose [`ApiKey::scope`] is `name` share these limits and
     /// in-flight cap (0 = none), and cool together on a scope-wide refusal.
-    pub fn scope(mut self, name: impl Into<String>, limits: Vec<RateLimit>, max_in_flight: u32) -> Self {
+    pub fn scope(
+        mut self,
+        name: impl Into<String>,
+        limits: Vec<RateLimit>,
+        max_in_flight: u32,
+    ) -> Self {
         self.scopes.push((name.into(), limits, max_in_flight));
         self
     }

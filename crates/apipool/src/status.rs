@@ -8,7 +8,9 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 /// How one call through the pool ended, as recorded in statistics.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum CallStatus {
     /// The call succeeded (seed id 1).
@@ -144,7 +146,10 @@ mod tests {
             assert_eq!(CallStatus::from_id(s.id()), Some(s));
             assert_eq!(CallStatus::parse(s.description()), Some(s));
         }
-        assert_eq!(CallStatus::parse("reach_limit"), Some(CallStatus::ReachLimit));
+        assert_eq!(
+            CallStatus::parse("reach_limit"),
+            Some(CallStatus::ReachLimit)
+        );
         assert_eq!(CallStatus::parse("9"), Some(CallStatus::ReachLimit));
         assert_eq!(CallStatus::parse("nope"), None);
     }

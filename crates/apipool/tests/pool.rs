@@ -1,9 +1,8 @@
 //! Pool-level behaviour through the public API: shells, retries, batches, bad input.
 
 use apipool::{
-    Clock,
-    ApiKey, ApiKeyManager, BatchOptions, CallError, CallEvent, CallStatus, Error, KeyState, ManualClock, Outcome,
-    PoolConfig, RateLimit, StatsSink, Strategy,
+    ApiKey, ApiKeyManager, BatchOptions, CallError, CallEvent, CallStatus, Clock, Error, KeyState,
+    ManualClock, Outcome, PoolConfig, RateLimit, StatsSink, Strategy,
 };
 use parking_lot::Mutex;
 use std::collections::HashSet;
@@ -54,30 +53,63 @@ impl StatsSink for Events {
 
 #[test]
 fn bad_input_gives_typed_errors() {
-    assert_eq!(ApiKeyManager::<Key>::builder().build().unwrap_err(), Error::EmptyPool);
-    let err = ApiKeyManager::builder().keys(keys(&["a", "b", "a"])).build().unwrap_err();
+    assert_eq!(
+        ApiKeyManager::<Key>::builder().build().unwrap_err(),
+        Error::EmptyPool
+    );
+    let err = ApiKeyManager::builder()
+        .keys(keys(&["a", "b", "a"]))
+        .build()
+        .unwrap_err();
     assert!(matches!(err, Error::DuplicateKey { .. }), "{err}");
     assert!(!err.to_string().contains("\"a\""));
-    let err = ApiKeyManager::builder().keys(keys(&["a"])).strategy_name("fastest").build().unwrap_err();
+    let err = ApiKeyManager::builder()
+        .keys(keys(&["a"]))
+        .strategy_name("fastest")
+        .build()
+        .unwrap_err();
     assert!(err.to_string().contains("unknown strategy"), "{err}");
     for bad in [f64::NAN, -1.0, f64::INFINITY] {
         let cfg = PoolConfig {
             timeout: bad,
             ..PoolConfig::default()
         };
-        let err = ApiKeyManager::builder().keys(keys(&["a"])).config(cfg).build().unwrap_err();
-        assert!(matches!(err, Error::Config(ref c) if c.field == "timeout"), "{err}");
+        let err = ApiKeyManager::builder()
+            .keys(keys(&["a"]))
+            .config(cfg)
+            .build()
+            .unwrap_err();
+        assert!(
+            matches!(err, Error::Config(ref c) if c.field == "timeout"),
+            "{err}"
+        );
     }
     let cfg = PoolConfig {
         ban_duration: f64::NAN,
         ..PoolConfig::default()
     };
-    assert!(ApiKeyManager::builder().keys(keys(&["a"])).config(cfg).build().is_err());
+    assert!(
+        ApiKeyManager::builder()
+            .keys(keys(&["a"]))
+            .config(cfg)
+            .build()
+            .is_err()
+    );
     let pool = ApiKeyManager::new(keys(&["a"])).unwrap();
-    let r = pool.call_concurrent(&[1, 2], |_, _| Ok::<_, ()>(()), BatchOptions::new().concurrency(0));
+    let r = pool.call_concurrent(
+        &[1, 2],
+        |_, _| Ok::<_, ()>(()),
+        BatchOptions::new().concurrency(0),
+    );
     assert_eq!(r.unwrap_err(), Error::ZeroConcurrency);
-    assert!(matches!(pool.add_one(Key::new("a")), Err(Error::DuplicateKey { .. })));
-    assert!(matches!(pool.disable("nope"), Err(Error::UnknownKey { .. })));
+    assert!(matches!(
+        pool.add_one(Key::new("a")),
+        Err(Error::DuplicateKey { .. })
+    ));
+    assert!(matches!(
+        pool.disable("nope"),
+        Err(Error::UnknownKey { .. })
+    ));
 }
 
 #[test]
@@ -93,15 +125,32 @@ fn sync_retries_land_on_different_keys() {
         Err("boom")
     });
     let err = r.unwrap_err();
-    assert!(matches!(err, CallError::Failed { attempts: 4, outcome: Outcome::Failed, .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            CallError::Failed {
+                attempts: 4,
+                outcome: Outcome::Failed,
+                ..
+            }
+        ),
+        "{err}"
+    );
     let seen = seen.into_inner();
     assert_eq!(seen.len(), 4);
-    assert_eq!(seen.iter().collect::<HashSet<_>>().len(), 4, "every retry on a new key: {seen:?}");
+    assert_eq!(
+        seen.iter().collect::<HashSet<_>>().len(),
+        4,
+        "every retry on a new key: {seen:?}"
+    );
 }
 
 #[tokio::test]
 async fn async_retries_land_on_different_keys_and_rate_limits_always_retry() {
-    let pool = ApiKeyManager::builder().keys(keys(&["a", "b", "c"])).build().unwrap();
+    let pool = ApiKeyManager::builder()
+        .keys(keys(&["a", "b", "c"]))
+        .build()
+        .unwrap();
     let seen = Arc::new(Mutex::new(Vec::new()));
     let classify = |r: &Result<u32, u32>| match r {
         Ok(_) => Outcome::Success,
@@ -115,22 +164,27 @@ async fn async_retries_land_on_different_keys_and_rate_limits_always_retry() {
             async move { if n < 2 { Err(429) } else { Ok(7) } }
         })
         .await;
-    assert_eq!(r.unwrap(), 7, "rate limits are retried even without retry_on_failure");
+    assert_eq!(
+        r.unwrap(),
+        7,
+        "rate limits are retried even without retry_on_failure"
+    );
     let seen = seen.lock().clone();
     assert_eq!(seen.iter().collect::<HashSet<_>>().len(), 3, "{seen:?}");
 }
 
 #[test]
 fn not_key_related_errors_are_not_retried() {
-    let pool = ApiKeyManager::builder().keys(keys(&["a", "b"])).retry(true, 5).build().unwrap();
+    let pool = ApiKeyManager::builder()
+        .keys(keys(&["a", "b"]))
+        .retry(true, 5)
+        .build()
+        .unwrap();
     let calls = AtomicUsize::new(0);
-    let r = pool.call_with(
-        &|_: &Result<(), ()>| Outcome::NotKeyRelated,
-        |_| {
-            calls.fetch_add(1, Ordering::SeqCst);
-            Err(())
-        },
-    );
+    let r = pool.call_with(&|_: &Result<(), ()>| Outcome::NotKeyRelated, |_| {
+        calls.fetch_add(1, Ordering::SeqCst);
+        Err(())
+    });
     assert!(r.is_err());
     assert_eq!(calls.load(Ordering::SeqCst), 1);
 }
@@ -155,9 +209,15 @@ fn exhausted_pool_error_carries_retry_at_and_waits_are_bounded() {
     else {
         panic!("{err:?}")
     };
-    assert!(after > Duration::from_secs(59) && after <= Duration::from_secs(61), "{after:?}");
+    assert!(
+        after > Duration::from_secs(59) && after <= Duration::from_secs(61),
+        "{after:?}"
+    );
     assert!(at > clock.now());
-    assert!(started.elapsed() < Duration::from_secs(1), "an unreachable deadline fails at once");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "an unreachable deadline fails at once"
+    );
     assert!(err.to_string().contains("frees up in"));
     clock.advance(Duration::from_secs(61));
     pool.acquire().unwrap().report(Outcome::Success);
@@ -174,9 +234,15 @@ fn waiting_for_a_release_is_bounded_by_max_wait() {
     let held = pool.acquire().unwrap();
     let started = Instant::now();
     let err = pool.acquire().unwrap_err();
-    assert!(matches!(err, Error::PoolExhausted { retry_at: None, .. }), "{err:?}");
+    assert!(
+        matches!(err, Error::PoolExhausted { retry_at: None, .. }),
+        "{err:?}"
+    );
     let waited = started.elapsed();
-    assert!(waited >= Duration::from_millis(90) && waited < Duration::from_secs(2), "{waited:?}");
+    assert!(
+        waited >= Duration::from_millis(90) && waited < Duration::from_secs(2),
+        "{waited:?}"
+    );
     // A release wakes a waiter before its deadline.
     let pool2 = pool.clone();
     let waiter = std::thread::spawn(move || pool2.acquire().map(|l| l.identifier().to_owned()));
@@ -213,7 +279,10 @@ fn cooldown_and_restore_through_the_manager_on_a_manual_clock() {
 
 #[test]
 fn disable_enable_reset_and_remove() {
-    let pool = ApiKeyManager::builder().keys(keys(&["a", "b"])).build().unwrap();
+    let pool = ApiKeyManager::builder()
+        .keys(keys(&["a", "b"]))
+        .build()
+        .unwrap();
     pool.disable("a").unwrap();
     for _ in 0..20 {
         let l = pool.try_acquire().unwrap();
@@ -249,7 +318,10 @@ fn check_usable_archives_bad_keys_first_middle_and_last() {
     let pool = ApiKeyManager::new(with_bad([false, true, false, true, false])).unwrap();
     let mut archived = pool.check_usable();
     archived.sort();
-    let mut expected: Vec<String> = ["k0", "k2", "k4"].iter().map(|n| apipool::fingerprint(n)).collect();
+    let mut expected: Vec<String> = ["k0", "k2", "k4"]
+        .iter()
+        .map(|n| apipool::fingerprint(n))
+        .collect();
     expected.sort();
     assert_eq!(archived, expected);
     for _ in 0..30 {
@@ -297,8 +369,14 @@ fn many_threads_reporting_at_once_lose_and_double_nothing() {
     assert!(reports.iter().all(|r| r.in_flight == 0));
     let events = sink.0.lock();
     assert_eq!(events.len(), 40_000);
-    let cancelled = events.iter().filter(|e| e.status == CallStatus::Cancelled).count();
-    assert_eq!(reports.iter().map(|r| r.successes).sum::<u64>() as usize, 40_000 - cancelled);
+    let cancelled = events
+        .iter()
+        .filter(|e| e.status == CallStatus::Cancelled)
+        .count();
+    assert_eq!(
+        reports.iter().map(|r| r.successes).sum::<u64>() as usize,
+        40_000 - cancelled
+    );
 }
 
 #[test]
@@ -340,11 +418,18 @@ fn batch_dedupes_retries_and_bans_failing_keys() {
             &apipool::DefaultClassifier,
             |client, input: &i32| {
                 runs.fetch_add(1, Ordering::SeqCst);
-                if client == "bad" { Err("500") } else { Ok(*input * 2) }
+                if client == "bad" {
+                    Err("500")
+                } else {
+                    Ok(*input * 2)
+                }
             },
-            BatchOptions::new().concurrency(8).retry(true, 5).on_progress(move |_| {
-                p.fetch_add(1, Ordering::SeqCst);
-            }),
+            BatchOptions::new()
+                .concurrency(8)
+                .retry(true, 5)
+                .on_progress(move |_| {
+                    p.fetch_add(1, Ordering::SeqCst);
+                }),
         )
         .unwrap();
     assert_eq!(result.total, 150);
@@ -353,7 +438,10 @@ fn batch_dedupes_retries_and_bans_failing_keys() {
     assert_eq!(result.duplicates.len(), 50);
     assert_eq!(result.results[&10], 20, "each id keeps its first input");
     assert_eq!(result.banned_keys, vec![apipool::fingerprint("bad")]);
-    assert!(runs.load(Ordering::SeqCst) < 150 + 10, "the bad key is banned quickly");
+    assert!(
+        runs.load(Ordering::SeqCst) < 150 + 10,
+        "the bad key is banned quickly"
+    );
     assert_eq!(progress_calls.load(Ordering::SeqCst), 150);
     assert!((result.success_rate() - 1.0).abs() < f64::EPSILON);
 }
@@ -403,13 +491,23 @@ async fn abatch_and_acall_concurrent_keep_order_and_enforce_timeouts() {
 
 #[test]
 fn apply_config_changes_limits_and_strategy_at_run_time() {
-    let pool = ApiKeyManager::builder().keys(keys(&["a"])).max_wait(Duration::ZERO).build().unwrap();
-    let cfg = PoolConfig::from_json(&serde_json::json!({"rate_limit": 2, "rate_limit_interval": 60, "max_wait": 0})).unwrap();
+    let pool = ApiKeyManager::builder()
+        .keys(keys(&["a"]))
+        .max_wait(Duration::ZERO)
+        .build()
+        .unwrap();
+    let cfg = PoolConfig::from_json(
+        &serde_json::json!({"rate_limit": 2, "rate_limit_interval": 60, "max_wait": 0}),
+    )
+    .unwrap();
     let held = pool.acquire().unwrap();
     pool.apply_config(&cfg).unwrap();
     held.report(Outcome::Success);
     pool.try_acquire().unwrap().report(Outcome::Success);
-    assert!(matches!(pool.try_acquire(), Err(Error::PoolExhausted { .. })));
+    assert!(matches!(
+        pool.try_acquire(),
+        Err(Error::PoolExhausted { .. })
+    ));
     pool.set_strategy_name("round_robin").unwrap();
     assert_eq!(pool.strategy(), Strategy::RoundRobin);
     assert!(pool.set_strategy_name("nope").is_err());

@@ -15,7 +15,10 @@ async fn upstream(error_rate: f64, failing: &[&str]) -> mock_upstream::MockServe
         latency_ms: 10,
         error_rate,
         seed: Some(7),
-        failing_keys: failing.iter().map(|k| mock_upstream::ApiKey::parse(k).unwrap()).collect(),
+        failing_keys: failing
+            .iter()
+            .map(|k| mock_upstream::ApiKey::parse(k).unwrap())
+            .collect(),
         ..mock_upstream::Config::with_keys(KEYS).unwrap()
     };
     mock_upstream::spawn(config).await.unwrap()
@@ -23,7 +26,11 @@ async fn upstream(error_rate: f64, failing: &[&str]) -> mock_upstream::MockServe
 
 type Fetched = (u16, HeaderMap, ());
 
-async fn fetch_all(base: &str, config: PoolConfig, n: usize) -> BatchResult<String, Fetched, reqwest::Error> {
+async fn fetch_all(
+    base: &str,
+    config: PoolConfig,
+    n: usize,
+) -> BatchResult<String, Fetched, reqwest::Error> {
     let pool = ApiKeyManager::builder()
         .keys(KEYS.iter().map(|k| HttpKey::bearer(*k)))
         .strategy(Strategy::LeastUsed)
@@ -37,7 +44,10 @@ async fn fetch_all(base: &str, config: PoolConfig, n: usize) -> BatchResult<Stri
         (0..n).map(|i| (format!("item-{i}"), format!("item-{i}"))),
         &HttpClassifier::new(),
         |key, id: String| async move {
-            let resp = key.apply(http.get(url).query(&[("id", &id)])).send().await?;
+            let resp = key
+                .apply(http.get(url).query(&[("id", &id)]))
+                .send()
+                .await?;
             let (status, headers) = (resp.status().as_u16(), resp.headers().clone());
             resp.bytes().await?;
             Ok((status, headers, ()))
@@ -65,7 +75,10 @@ async fn configured_limits_draw_no_429_and_every_id_succeeds_once() {
     let stats = server.stats();
     assert_eq!(stats.status(429), 0, "configured limits are never exceeded");
     assert_eq!(stats.ids.len(), 150);
-    assert!(stats.ids.values().all(|&n| n == 1), "each id fetched exactly once");
+    assert!(
+        stats.ids.values().all(|&n| n == 1),
+        "each id fetched exactly once"
+    );
     server.shutdown().await.unwrap();
 }
 
@@ -75,7 +88,10 @@ async fn learned_limits_keep_429s_rare() {
     let r = fetch_all(&server.url(), PoolConfig::default(), 200).await;
     assert_eq!(ok_count(&r), 200);
     let limited = server.stats().status(429);
-    assert!(limited <= 20, "the pool learns instead of hammering: {limited} 429s for 200 items");
+    assert!(
+        limited <= 20,
+        "the pool learns instead of hammering: {limited} 429s for 200 items"
+    );
     server.shutdown().await.unwrap();
 }
 
@@ -91,6 +107,10 @@ async fn failing_keys_and_random_errors_are_retried_on_other_keys() {
     };
     let r = fetch_all(&server.url(), config, 120).await;
     assert_eq!(ok_count(&r), 120, "{:?}", r.errors);
-    assert!(r.banned_keys.contains(&apipool::fingerprint("k4")), "{:?}", r.banned_keys);
+    assert!(
+        r.banned_keys.contains(&apipool::fingerprint("k4")),
+        "{:?}",
+        r.banned_keys
+    );
     server.shutdown().await.unwrap();
 }

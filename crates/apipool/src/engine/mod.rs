@@ -169,7 +169,9 @@ pub(crate) enum Acquire {
     Granted(LeaseToken),
     /// Nothing is free now. `until`: the earliest moment a key frees up by time; `None`: only a
     /// finishing call can free one. Either way a release may come first.
-    Wait { until: Option<Instant> },
+    Wait {
+        until: Option<Instant>,
+    },
     /// No key can become free without an administrative action (all archived/disabled, or none).
     NoUsableKeys,
 }
@@ -279,7 +281,13 @@ impl fmt::Debug for Engine {
 /// finished. A call reaches the upstream somewhere between its grant and its completion, so
 /// counting finished calls at completion and unfinished ones as "now" can never undercount what
 /// the upstream saw in any window, whatever the delivery jitter.
-fn window_block(log: &VecDeque<Tick>, limit: u32, interval: Tick, in_flight: u32, now: Tick) -> Block {
+fn window_block(
+    log: &VecDeque<Tick>,
+    limit: u32,
+    interval: Tick,
+    in_flight: u32,
+    now: Tick,
+) -> Block {
     let limit = limit as usize;
     let in_flight = in_flight as usize;
     if limit == 0 {
@@ -295,7 +303,11 @@ fn window_block(log: &VecDeque<Tick>, limit: u32, interval: Tick, in_flight: u32
         return Block::Free;
     }
     let t = log[n - room].saturating_add(interval);
-    if t > now { Block::Until(t) } else { Block::Free }
+    if t > now {
+        Block::Until(t)
+    } else {
+        Block::Free
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -322,7 +334,12 @@ fn nanos(d: Duration) -> Tick {
 }
 
 impl Engine {
-    pub(crate) fn new(settings: Settings, strategy: Strategy, seed: Option<u64>, origin: Instant) -> Self {
+    pub(crate) fn new(
+        settings: Settings,
+        strategy: Strategy,
+        seed: Option<u64>,
+        origin: Instant,
+    ) -> Self {
         let rng = match seed {
             Some(s) => SmallRng::seed_from_u64(s),
             None => SmallRng::seed_from_u64(rand::random()),
@@ -370,7 +387,12 @@ impl Engine {
     }
 
     /// Defines (or redefines) a quota scope shared by several keys.
-    pub(crate) fn define_scope(&mut self, name: &str, limits: Vec<RateLimit>, max_in_flight: u32) -> u32 {
+    pub(crate) fn define_scope(
+        &mut self,
+        name: &str,
+        limits: Vec<RateLimit>,
+        max_in_flight: u32,
+    ) -> u32 {
         let sc = self.scope_idx(name);
         let s = &mut self.scopes[sc as usize];
         s.limits = limits;
@@ -401,7 +423,13 @@ impl Engine {
     }
 
     /// Adds a key in the active state and returns its index.
-    pub(crate) fn add_key(&mut self, id: Arc<str>, weight: u32, scope: Option<&str>, now: Instant) -> u32 {
+    pub(crate) fn add_key(
+        &mut self,
+        id: Arc<str>,
+        weight: u32,
+        scope: Option<&str>,
+        now: Instant,
+    ) -> u32 {
         let now = self.tick(now);
         let scope = scope.map(|s| self.scope_idx(s));
         let fresh = |gen_| Slot {
@@ -442,7 +470,9 @@ impl Engine {
 
     /// Removes a key. Leases still out on it are accepted and ignored when reported.
     pub(crate) fn remove_key(&mut self, idx: u32) {
-        let Some(s) = self.slots.get_mut(idx as usize) else { return };
+        let Some(s) = self.slots.get_mut(idx as usize) else {
+            return;
+        };
         if !s.live {
             return;
         }
@@ -451,7 +481,8 @@ impl Engine {
         s.timer = None;
         self.total_in_flight -= u64::from(s.in_flight);
         if let Some(sc) = s.scope {
-            self.scopes[sc as usize].in_flight -= s.in_flight.min(self.scopes[sc as usize].in_flight);
+            self.scopes[sc as usize].in_flight -=
+                s.in_flight.min(self.scopes[sc as usize].in_flight);
         }
         s.in_flight = 0;
         self.selector.remove(idx);
@@ -463,7 +494,9 @@ impl Engine {
         if strategy == self.strategy {
             return;
         }
-        let members: Vec<u32> = (0..self.slots.len() as u32).filter(|&k| self.selector.contains(k)).collect();
+        let members: Vec<u32> = (0..self.slots.len() as u32)
+            .filter(|&k| self.selector.contains(k))
+            .collect();
         self.strategy = strategy;
         self.selector = Selector::new(strategy, self.slots.len());
         for k in members {
@@ -485,19 +518,31 @@ impl Engine {
     }
 
     fn log_cap(&self, s: &Slot) -> usize {
-        let configured = self.settings.limits.iter().map(|l| l.limit()).max().unwrap_or(0);
+        let configured = self
+            .settings
+            .limits
+            .iter()
+            .map(|l| l.limit())
+            .max()
+            .unwrap_or(0);
         let learned = s.learned.map_or(0, |l| l.limit);
-        let learning = if self.settings.learn && self.settings.limits.is_empty() && s.learned.is_none() {
-            LEARN_LOG_CAP as u32
-        } else {
-            0
-        };
+        let learning =
+            if self.settings.learn && self.settings.limits.is_empty() && s.learned.is_none() {
+                LEARN_LOG_CAP as u32
+            } else {
+                0
+            };
         configured.max(learned).max(learning) as usize
     }
 
     fn sel_insert(&mut self, k: u32) {
         let s = &self.slots[k as usize];
-        if s.live && matches!(s.state, State::Active | State::Cooling { .. } | State::Banned { .. }) {
+        if s.live
+            && matches!(
+                s.state,
+                State::Active | State::Cooling { .. } | State::Banned { .. }
+            )
+        {
             self.selector.insert(k, s.in_flight, s.last_used, s.weight);
         }
     }
@@ -587,9 +632,18 @@ impl Engine {
         }
         let mut block = Block::Free;
         for lim in &self.settings.limits {
-            block = block.max(window_block(&s.log, lim.limit(), nanos(lim.effective_interval()), s.in_flight, now));
+            block = block.max(window_block(
+                &s.log,
+                lim.limit(),
+                nanos(lim.effective_interval()),
+                s.in_flight,
+                now,
+            ));
         }
-        if let Some(l) = s.learned.filter(|l| l.at + nanos(self.settings.learned_ttl) > now) {
+        if let Some(l) = s
+            .learned
+            .filter(|l| l.at + nanos(self.settings.learned_ttl) > now)
+        {
             block = block.max(window_block(&s.log, l.limit, l.interval, s.in_flight, now));
         }
         match block {
@@ -608,7 +662,13 @@ impl Engine {
             let mut block = Block::Free;
             for lim in &scope.limits {
                 let interval = nanos(lim.effective_interval());
-                block = block.max(window_block(&scope.log, lim.limit(), interval, scope.in_flight, now));
+                block = block.max(window_block(
+                    &scope.log,
+                    lim.limit(),
+                    interval,
+                    scope.in_flight,
+                    now,
+                ));
             }
             match block {
                 Block::Free => {}
@@ -713,7 +773,11 @@ impl Engine {
             self.scopes[sc as usize].in_flight += 1;
         }
         self.selector.touch(k, in_flight, last_used);
-        LeaseToken { idx: k, gen_, at: now }
+        LeaseToken {
+            idx: k,
+            gen_,
+            at: now,
+        }
     }
 
     fn wait_hint(&mut self) -> Acquire {
@@ -732,7 +796,9 @@ impl Engine {
     pub(crate) fn report(&mut self, token: LeaseToken, outcome: Option<Outcome>, now: Instant) {
         let now = self.tick(now);
         let k = token.idx;
-        let Some(s) = self.slots.get_mut(k as usize) else { return };
+        let Some(s) = self.slots.get_mut(k as usize) else {
+            return;
+        };
         if !s.live || s.gen_ != token.gen_ {
             return;
         }
@@ -764,7 +830,11 @@ impl Engine {
             Outcome::Success => {
                 s.successes += 1;
                 s.consecutive_failures = 0;
-                if let Some(l) = s.learned.as_mut().filter(|l| (l.from..=l.to).contains(&token.at)) {
+                if let Some(l) = s
+                    .learned
+                    .as_mut()
+                    .filter(|l| (l.from..=l.to).contains(&token.at))
+                {
                     // A success from the learning epoch reported after the 429: count it too.
                     l.limit += 1;
                 } else if token.at >= s.epoch_start {
@@ -781,7 +851,8 @@ impl Engine {
                     self.archive(k, ArchiveReason::RateLimited);
                     return;
                 }
-                let until = now.saturating_add(nanos(retry_after.unwrap_or(self.settings.default_cooldown)));
+                let until = now
+                    .saturating_add(nanos(retry_after.unwrap_or(self.settings.default_cooldown)));
                 self.learn(k, until, now, token.at);
                 self.cool(k, until, CoolReason::RateLimited);
                 if let Some(sc) = scope {
@@ -803,7 +874,9 @@ impl Engine {
             Outcome::Failed | Outcome::Timeout => {
                 s.failures += 1;
                 s.consecutive_failures += 1;
-                if s.consecutive_failures >= self.settings.ban_threshold && matches!(s.state, State::Active) {
+                if s.consecutive_failures >= self.settings.ban_threshold
+                    && matches!(s.state, State::Active)
+                {
                     let until = now.saturating_add(nanos(self.settings.ban_duration));
                     s.state = State::Banned { until };
                     self.selector.remove(k);
@@ -862,7 +935,11 @@ impl Engine {
         let threshold = self.settings.scope_refusal_keys.max(1) as usize;
         let scope = &mut self.scopes[sc as usize];
         scope.refusals.push_back((now, k));
-        while scope.refusals.front().is_some_and(|&(t, _)| t + window < now) {
+        while scope
+            .refusals
+            .front()
+            .is_some_and(|&(t, _)| t + window < now)
+        {
             scope.refusals.pop_front();
         }
         let mut distinct: Vec<u32> = scope.refusals.iter().map(|&(_, key)| key).collect();
@@ -897,7 +974,11 @@ impl Engine {
 
     /// Puts a disabled key back (other states are left alone).
     pub(crate) fn enable(&mut self, k: u32, now: Instant) {
-        if self.slots.get(k as usize).is_some_and(|s| s.live && s.state == State::Disabled) {
+        if self
+            .slots
+            .get(k as usize)
+            .is_some_and(|s| s.live && s.state == State::Disabled)
+        {
             self.reset(k, now);
         }
     }
@@ -920,13 +1001,18 @@ impl Engine {
 
     /// Whether key `k` is archived.
     pub(crate) fn is_archived(&self, k: u32) -> bool {
-        matches!(self.slots.get(k as usize).map(|s| s.state), Some(State::Archived(_)))
+        matches!(
+            self.slots.get(k as usize).map(|s| s.state),
+            Some(State::Archived(_))
+        )
     }
 
     /// Counts keys that could be granted right now.
     pub(crate) fn available_count(&self, now: Instant) -> usize {
         let now = self.tick(now);
-        (0..self.slots.len() as u32).filter(|&k| self.assess(k, now) == Avail::Ok).count()
+        (0..self.slots.len() as u32)
+            .filter(|&k| self.assess(k, now) == Avail::Ok)
+            .count()
     }
 
     /// Counts live keys per state name.
@@ -947,7 +1033,9 @@ impl Engine {
         let avail = self.assess(k, now_t);
         let state = match s.state {
             State::Active => KeyState::Active,
-            State::Cooling { until, .. } | State::Banned { until } if until <= now_t => KeyState::Active,
+            State::Cooling { until, .. } | State::Banned { until } if until <= now_t => {
+                KeyState::Active
+            }
             State::Cooling { until, reason } => KeyState::Cooling {
                 until: self.instant(until),
                 reason,

@@ -82,7 +82,10 @@ fn weighted_follows_weights() {
         heavy += t.idx;
         e.report(t, Some(Outcome::Success), o);
     }
-    assert!((29_000..31_000).contains(&heavy), "heavy picked {heavy} of 40000");
+    assert!(
+        (29_000..31_000).contains(&heavy),
+        "heavy picked {heavy} of 40000"
+    );
 }
 
 #[test]
@@ -92,7 +95,13 @@ fn rate_limit_cools_the_key_and_it_comes_back_by_itself() {
     let t = grant(&mut e, o);
     e.report(t, Some(Outcome::rate_limited(Some(ms(1500)))), o);
     let r = e.explain(0, o).unwrap();
-    assert!(matches!(r.state, KeyState::Cooling { reason: CoolReason::RateLimited, .. }));
+    assert!(matches!(
+        r.state,
+        KeyState::Cooling {
+            reason: CoolReason::RateLimited,
+            ..
+        }
+    ));
     assert!(r.skipped_because.unwrap().contains("rate limit"));
     match e.acquire(o + ms(10), &[]) {
         Acquire::Wait { until: Some(u) } => assert_eq!(u, o + ms(1500)),
@@ -112,7 +121,12 @@ fn rate_limit_without_retry_after_uses_the_default_cooldown() {
     let mut e = engine(1, Strategy::Random, settings, o);
     let t = grant(&mut e, o);
     e.report(t, Some(Outcome::rate_limited(None)), o);
-    assert_eq!(e.acquire(o, &[]), Acquire::Wait { until: Some(o + ms(700)) });
+    assert_eq!(
+        e.acquire(o, &[]),
+        Acquire::Wait {
+            until: Some(o + ms(700))
+        }
+    );
 }
 
 #[test]
@@ -138,7 +152,13 @@ fn ban_at_threshold_then_readmission() {
     };
     let mut e = engine(2, Strategy::RoundRobin, settings, o);
     // Two failures on key 0, a success in between resets the count.
-    for outcome in [Outcome::Failed, Outcome::Failed, Outcome::Success, Outcome::Failed, Outcome::Timeout] {
+    for outcome in [
+        Outcome::Failed,
+        Outcome::Failed,
+        Outcome::Success,
+        Outcome::Failed,
+        Outcome::Timeout,
+    ] {
         let t = grant(&mut e, o);
         assert_eq!(t.idx, 0);
         e.report(t, Some(outcome), o);
@@ -151,7 +171,11 @@ fn ban_at_threshold_then_readmission() {
     e.report(t, Some(Outcome::Failed), o);
     let r = e.explain(0, o).unwrap();
     assert!(matches!(r.state, KeyState::Banned { .. }), "{r:?}");
-    assert!(r.skipped_because.unwrap().contains("banned after 3 consecutive failures"));
+    assert!(
+        r.skipped_because
+            .unwrap()
+            .contains("banned after 3 consecutive failures")
+    );
     for _ in 0..5 {
         let t = grant(&mut e, o + ms(1000));
         assert_eq!(t.idx, 1, "a banned key is skipped");
@@ -216,7 +240,10 @@ fn disabled_keys_are_skipped_until_enabled_and_all_gone_means_no_usable_keys() {
     e.disable(0);
     e.disable(1);
     assert_eq!(e.acquire(o, &[]), Acquire::NoUsableKeys);
-    assert_eq!(e.explain(1, o).unwrap().skipped_because.as_deref(), Some("disabled by hand"));
+    assert_eq!(
+        e.explain(1, o).unwrap().skipped_because.as_deref(),
+        Some("disabled by hand")
+    );
     e.enable(1, o);
     assert_eq!(grant(&mut e, o).idx, 1);
 }
@@ -224,7 +251,9 @@ fn disabled_keys_are_skipped_until_enabled_and_all_gone_means_no_usable_keys() {
 #[test]
 fn configured_window_is_never_exceeded_and_wait_time_is_exact() {
     let o = t0();
-    let lim = RateLimit::per_second(3).unwrap().with_margin(Duration::ZERO);
+    let lim = RateLimit::per_second(3)
+        .unwrap()
+        .with_margin(Duration::ZERO);
     let settings = Settings {
         limits: vec![lim],
         ..Settings::default()
@@ -235,13 +264,34 @@ fn configured_window_is_never_exceeded_and_wait_time_is_exact() {
         e.report(t, Some(Outcome::Success), o + ms(i * 100 + 5));
     }
     // Fourth call in the same second must wait until the first (finished at 5 ms) leaves the window.
-    assert_eq!(e.acquire(o + ms(300), &[]), Acquire::Wait { until: Some(o + ms(1005)) });
-    assert!(e.explain(0, o + ms(300)).unwrap().skipped_because.unwrap().contains("window is full"));
+    assert_eq!(
+        e.acquire(o + ms(300), &[]),
+        Acquire::Wait {
+            until: Some(o + ms(1005))
+        }
+    );
+    assert!(
+        e.explain(0, o + ms(300))
+            .unwrap()
+            .skipped_because
+            .unwrap()
+            .contains("window is full")
+    );
     let t = grant(&mut e, o + ms(1005));
     // The call in flight counts as taking a place in the window until it finishes.
-    assert_eq!(e.acquire(o + ms(1005), &[]), Acquire::Wait { until: Some(o + ms(1105)) });
+    assert_eq!(
+        e.acquire(o + ms(1005), &[]),
+        Acquire::Wait {
+            until: Some(o + ms(1105))
+        }
+    );
     e.report(t, Some(Outcome::Success), o + ms(1010));
-    assert_eq!(e.acquire(o + ms(1010), &[]), Acquire::Wait { until: Some(o + ms(1105)) });
+    assert_eq!(
+        e.acquire(o + ms(1010), &[]),
+        Acquire::Wait {
+            until: Some(o + ms(1105))
+        }
+    );
 }
 
 #[test]
@@ -255,10 +305,21 @@ fn calls_in_flight_fill_the_window_until_they_finish() {
     let a = grant(&mut e, o);
     let _b = grant(&mut e, o);
     assert_eq!(e.acquire(o, &[]), Acquire::Wait { until: None });
-    assert!(e.explain(0, o).unwrap().skipped_because.unwrap().contains("in flight"));
+    assert!(
+        e.explain(0, o)
+            .unwrap()
+            .skipped_because
+            .unwrap()
+            .contains("in flight")
+    );
     // A call that takes 300 ms may have reached the upstream as late as its end.
     e.report(a, Some(Outcome::Success), o + ms(300));
-    assert_eq!(e.acquire(o + ms(300), &[]), Acquire::Wait { until: Some(o + ms(1300)) });
+    assert_eq!(
+        e.acquire(o + ms(300), &[]),
+        Acquire::Wait {
+            until: Some(o + ms(1300))
+        }
+    );
 }
 
 #[test]
@@ -266,21 +327,35 @@ fn several_windows_combine() {
     let o = t0();
     let settings = Settings {
         limits: vec![
-            RateLimit::per_second(2).unwrap().with_margin(Duration::ZERO),
-            RateLimit::per_minute(3).unwrap().with_margin(Duration::ZERO),
+            RateLimit::per_second(2)
+                .unwrap()
+                .with_margin(Duration::ZERO),
+            RateLimit::per_minute(3)
+                .unwrap()
+                .with_margin(Duration::ZERO),
         ],
         ..Settings::default()
     };
     let mut e = engine(1, Strategy::Random, settings, o);
     for at in [o, o, o + ms(1000)] {
         if at > o {
-            assert_eq!(e.acquire(o, &[]), Acquire::Wait { until: Some(o + ms(1000)) });
+            assert_eq!(
+                e.acquire(o, &[]),
+                Acquire::Wait {
+                    until: Some(o + ms(1000))
+                }
+            );
         }
         let t = grant(&mut e, at);
         e.report(t, Some(Outcome::Success), at);
     }
     // Per-minute window (3) is now full until the first call is a minute old.
-    assert_eq!(e.acquire(o + ms(1000), &[]), Acquire::Wait { until: Some(o + ms(60_000)) });
+    assert_eq!(
+        e.acquire(o + ms(1000), &[]),
+        Acquire::Wait {
+            until: Some(o + ms(60_000))
+        }
+    );
 }
 
 #[test]
@@ -294,7 +369,13 @@ fn max_in_flight_waits_for_a_release() {
     let a = grant(&mut e, o);
     let _b = grant(&mut e, o);
     assert_eq!(e.acquire(o, &[]), Acquire::Wait { until: None });
-    assert!(e.explain(0, o).unwrap().skipped_because.unwrap().contains("in-flight limit"));
+    assert!(
+        e.explain(0, o)
+            .unwrap()
+            .skipped_because
+            .unwrap()
+            .contains("in-flight limit")
+    );
     e.report(a, None, o);
     grant(&mut e, o);
 }
@@ -359,7 +440,10 @@ fn late_success_reports_from_the_learning_epoch_still_count() {
     for t in &early[1..] {
         e.report(*t, Some(Outcome::Success), o + ms(20));
     }
-    assert_eq!(e.explain(0, o + ms(20)).unwrap().learned_limit.unwrap().0, 4);
+    assert_eq!(
+        e.explain(0, o + ms(20)).unwrap().learned_limit.unwrap().0,
+        4
+    );
 }
 
 #[test]
@@ -381,7 +465,11 @@ fn scope_cools_when_several_keys_are_refused_together() {
         e.report(t, Some(Outcome::Success), o + ms(200));
     }
     let r = e.explain(2, o + ms(200)).unwrap();
-    assert!(r.skipped_because.unwrap().contains("scope 'acct' is cooling"));
+    assert!(
+        r.skipped_because
+            .unwrap()
+            .contains("scope 'acct' is cooling")
+    );
     assert_eq!(r.state, KeyState::Active, "the key itself is not punished");
     let later = o + ms(5200);
     let picks: Vec<u32> = (0..4).map(|_| grant(&mut e, later).idx).collect();
@@ -392,7 +480,15 @@ fn scope_cools_when_several_keys_are_refused_together() {
 fn scope_wide_marker_cools_the_scope_at_once_and_scope_limits_hold() {
     let o = t0();
     let mut e = Engine::new(Settings::default(), Strategy::RoundRobin, Some(1), o);
-    e.define_scope("acct", vec![RateLimit::per_second(3).unwrap().with_margin(Duration::ZERO)], 0);
+    e.define_scope(
+        "acct",
+        vec![
+            RateLimit::per_second(3)
+                .unwrap()
+                .with_margin(Duration::ZERO),
+        ],
+        0,
+    );
     for name in ["a1", "a2"] {
         e.add_key(Arc::from(name), 1, Some("acct"), o);
     }
@@ -401,7 +497,12 @@ fn scope_wide_marker_cools_the_scope_at_once_and_scope_limits_hold() {
         let t = grant(&mut e, o);
         e.report(t, Some(Outcome::Success), o);
     }
-    assert_eq!(e.acquire(o, &[]), Acquire::Wait { until: Some(o + ms(1000)) });
+    assert_eq!(
+        e.acquire(o, &[]),
+        Acquire::Wait {
+            until: Some(o + ms(1000))
+        }
+    );
     let t = grant(&mut e, o + ms(1000));
     e.report(
         t,
@@ -411,7 +512,12 @@ fn scope_wide_marker_cools_the_scope_at_once_and_scope_limits_hold() {
         }),
         o + ms(1000),
     );
-    assert_eq!(e.acquire(o + ms(1001), &[]), Acquire::Wait { until: Some(o + ms(3000)) });
+    assert_eq!(
+        e.acquire(o + ms(1001), &[]),
+        Acquire::Wait {
+            until: Some(o + ms(3000))
+        }
+    );
 }
 
 #[test]
@@ -450,7 +556,12 @@ fn exhausted_pool_reports_the_earliest_free_time() {
     let (first, second) = if a.idx == 0 { (a, b) } else { (b, a) };
     e.report(first, Some(Outcome::rate_limited(Some(ms(3000)))), o);
     e.report(second, Some(Outcome::rate_limited(Some(ms(2000)))), o);
-    assert_eq!(e.acquire(o, &[]), Acquire::Wait { until: Some(o + ms(2000)) });
+    assert_eq!(
+        e.acquire(o, &[]),
+        Acquire::Wait {
+            until: Some(o + ms(2000))
+        }
+    );
 }
 
 #[test]
@@ -458,7 +569,11 @@ fn apply_settings_keeps_history() {
     let o = t0();
     let mut e = engine(1, Strategy::Random, Settings::default(), o);
     e.apply_settings(Settings {
-        limits: vec![RateLimit::per_second(100).unwrap().with_margin(Duration::ZERO)],
+        limits: vec![
+            RateLimit::per_second(100)
+                .unwrap()
+                .with_margin(Duration::ZERO),
+        ],
         ..Settings::default()
     });
     for _ in 0..3 {
@@ -466,8 +581,17 @@ fn apply_settings_keeps_history() {
         e.report(t, Some(Outcome::Success), o);
     }
     e.apply_settings(Settings {
-        limits: vec![RateLimit::per_second(3).unwrap().with_margin(Duration::ZERO)],
+        limits: vec![
+            RateLimit::per_second(3)
+                .unwrap()
+                .with_margin(Duration::ZERO),
+        ],
         ..Settings::default()
     });
-    assert_eq!(e.acquire(o, &[]), Acquire::Wait { until: Some(o + ms(1000)) });
+    assert_eq!(
+        e.acquire(o, &[]),
+        Acquire::Wait {
+            until: Some(o + ms(1000))
+        }
+    );
 }
