@@ -254,6 +254,66 @@ impl<K: ApiKey> ApiKeyManager<K> {
         Ok((call, concurrency))
     }
 
+    /// Runs every item through the pool on `concurrency` worker threads (the sync core of
+    /// `batch_exec` and `call_concurrent`).
+    fn run_threads<Id, I, T, E, C, F>(
+        &self,
+        items: &[(Id, I)],
+        classifier: &C,
+        call: &CallOpts,
+        concurrency: usize,
+        op: &F,
+        collector: &Collector<Id, T, E>,
+    ) where
+        Id: Eq + Hash + Clone + Send + Sync,
+        I: Sync,
+        T: Send,
+        E: Send,
+        C: Classifier<T, E> + ?Sized,
+        F: Fn(&K::Client, &I) -> Result<T, E> + Sync,
+    {
+        let next = AtomicUsize::new(0);
+        std::thread::scope(|s| {
+            for _ in 0..concurrency.min(items.len()) {
+                s.spawn(|| {
+                    while let Some((id, input)) = items.get(next.fetch_add(1, Ordering::Relaxed)) {
+                        let r = self.call_with_opts(classifier, call, |client| op(client, input));
+                        collector.record(id.clone(), r);
+                    }
+                });
+            }
+        });
+    }
+
+    /// Runs every item through the pool as `concurrency` futures at a time (the async core of
+    /// `abatch_exec` and `acall_concurrent`).
+    async fn run_futures<Id, I, T, E, C, F, Fut>(
+        &self,
+        items: impl IntoIterator<Item = (Id, I)>,
+        classifier: &C,
+        call: &CallOpts,
+        concurrency: usize,
+        op: &F,
+        collector: &Collector<Id, T, E>,
+    ) where
+        Id: Eq + Hash + Clone,
+        I: Clone,
+        C: Classifier<T, E> + ?Sized,
+        F: Fn(Arc<KeyClient<K>>, I) -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        futures::stream::iter(items)
+            .map(|(id, input)| async move {
+                let r = self
+                    .acall_with_opts(classifier, call, |client| op(client, input.clone()))
+                    .await;
+                collector.record(id, r);
+            })
+            .buffer_unordered(concurrency)
+            .collect::<()>()
+            .await;
+    }
+
     /// Runs `op` once per distinct item id through the pool, `concurrency` at a time, paced to the
     /// pool's capacity, retrying on other keys per the batch retry policy. Duplicate ids are
     /// reported, not run twice. Sync: worker threads that wait with thread sleeps.
@@ -275,21 +335,7 @@ impl<K: ApiKey> ApiKeyManager<K> {
         let (call, concurrency) = self.batch_opts(&opts, true)?;
         let (unique, duplicates) = Collector::<Id, T, E>::dedupe(items);
         let collector = Collector::new(unique.len(), opts.progress.clone());
-        let next = AtomicUsize::new(0);
-        std::thread::scope(|s| {
-            for _ in 0..concurrency.min(unique.len()) {
-                s.spawn(|| {
-                    loop {
-                        let i = next.fetch_add(1, Ordering::Relaxed);
-                        let Some((id, input)) = unique.get(i) else {
-                            break;
-                        };
-                        let r = self.call_with_opts(classifier, &call, |client| op(client, input));
-                        collector.record(id.clone(), r);
-                    }
-                });
-            }
-        });
+        self.run_threads(&unique, classifier, &call, concurrency, &op, &collector);
         Ok(collector.finish(self, duplicates))
     }
 
@@ -312,16 +358,7 @@ impl<K: ApiKey> ApiKeyManager<K> {
         let (call, concurrency) = self.batch_opts(&opts, true)?;
         let (unique, duplicates) = Collector::<Id, T, E>::dedupe(items);
         let collector = Collector::new(unique.len(), opts.progress.clone());
-        let (call, collector_ref, op) = (&call, &collector, &op);
-        futures::stream::iter(unique)
-            .map(|(id, input)| async move {
-                let r = self
-                    .acall_with_opts(classifier, call, |client| op(client, input.clone()))
-                    .await;
-                collector_ref.record(id, r);
-            })
-            .buffer_unordered(concurrency)
-            .collect::<()>()
+        self.run_futures(unique, classifier, &call, concurrency, &op, &collector)
             .await;
         Ok(collector.finish(self, duplicates))
     }
@@ -342,20 +379,16 @@ impl<K: ApiKey> ApiKeyManager<K> {
     {
         let (call, concurrency) = self.batch_opts(&opts, false)?;
         let collector = Collector::<usize, T, E>::new(inputs.len(), opts.progress.clone());
-        let next = AtomicUsize::new(0);
-        std::thread::scope(|s| {
-            for _ in 0..concurrency.min(inputs.len()) {
-                s.spawn(|| {
-                    loop {
-                        let i = next.fetch_add(1, Ordering::Relaxed);
-                        let Some(input) = inputs.get(i) else { break };
-                        let r = self
-                            .call_with_opts(&DefaultClassifier, &call, |client| op(client, input));
-                        collector.record(i, r);
-                    }
-                });
-            }
-        });
+        let items: Vec<(usize, &I)> = inputs.iter().enumerate().collect();
+        let op = |client: &K::Client, input: &&I| op(client, input);
+        self.run_threads(
+            &items,
+            &DefaultClassifier,
+            &call,
+            concurrency,
+            &op,
+            &collector,
+        );
         Ok(in_order(collector, inputs.len()))
     }
 
@@ -374,17 +407,16 @@ impl<K: ApiKey> ApiKeyManager<K> {
         let (call, concurrency) = self.batch_opts(&opts, false)?;
         let n = inputs.len();
         let collector = Collector::<usize, T, E>::new(n, opts.progress.clone());
-        let (call, collector_ref, op) = (&call, &collector, &op);
-        futures::stream::iter(inputs.into_iter().enumerate())
-            .map(|(i, input)| async move {
-                let r = self
-                    .acall_with_opts(&DefaultClassifier, call, |client| op(client, input.clone()))
-                    .await;
-                collector_ref.record(i, r);
-            })
-            .buffer_unordered(concurrency)
-            .collect::<()>()
-            .await;
+        let items = inputs.into_iter().enumerate();
+        self.run_futures(
+            items,
+            &DefaultClassifier,
+            &call,
+            concurrency,
+            &op,
+            &collector,
+        )
+        .await;
         Ok(in_order(collector, n))
     }
 }
