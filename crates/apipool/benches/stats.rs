@@ -21,7 +21,7 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 fn event(key: &Arc<str>, method: &Arc<str>, i: u64) -> CallEvent {
     CallEvent {
         key_identifier: key.clone(),
-        status: if i % 10 == 0 {
+        status: if i.is_multiple_of(10) {
             CallStatus::Failed
         } else {
             CallStatus::Success

@@ -180,3 +180,32 @@ fn events_never_carry_more_than_the_safe_identifier() {
     assert_eq!(row.dedup_id.as_ref().unwrap().chars().count(), 255);
     assert!(!format!("{stats:?}").is_empty());
 }
+
+#[test]
+fn retention_also_runs_in_the_background() {
+    use apipool::stats::Retention;
+    let stats = StatsCollector::open_with(
+        "sqlite::memory:",
+        StatsConfig::default()
+            .retention(Retention::default().max_rows(2))
+            .prune_interval(Duration::from_millis(20)),
+    )
+    .unwrap();
+    for i in 0..5 {
+        stats.record(event(
+            &format!("k{i}"),
+            CallStatus::Success,
+            SystemTime::now(),
+            1,
+            None,
+            None,
+        ));
+    }
+    stats.flush().unwrap();
+    // Waits for the writer thread's periodic pass (no clock involved: max_rows).
+    assert!(crate::support::wait_until(
+        Duration::from_secs(20),
+        || stats.writer_stats().pruned == 3
+    ));
+    assert_eq!(stats.count(StatsFilter::all()).unwrap(), 2);
+}

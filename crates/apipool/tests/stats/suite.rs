@@ -311,9 +311,7 @@ pub(crate) fn queries_are_exact_on_hand_built_data(backend: Backend) {
         .chain(&p3.items)
         .map(|e| e.id)
         .collect();
-    let mut unique = ids.clone();
-    unique.sort_unstable();
-    unique.dedup();
+    let unique: std::collections::BTreeSet<i64> = ids.into_iter().collect();
     assert_eq!(unique.len(), 9, "every event has its own id");
     let k2_page = stats
         .events(StatsFilter::all().key("k2"), Page::default())
