@@ -35,12 +35,16 @@ mod engine;
 mod error;
 #[cfg(feature = "http")]
 pub mod http;
+#[cfg(any(feature = "tower", feature = "reqwest-middleware"))]
+pub mod integrations;
 mod key;
 mod manager;
 mod outcome;
-pub mod status;
+#[cfg(feature = "sdk")]
+pub mod sdk;
 #[cfg(feature = "stats")]
 pub mod stats;
+pub mod status;
 
 pub use batch::{BatchOptions, BatchProgress, BatchResult};
 pub use clock::{Clock, ManualClock, SystemClock};
