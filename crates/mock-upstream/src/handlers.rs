@@ -9,7 +9,7 @@ use axum::Json;
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::{ConnectInfo, Request, State};
-use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
 use futures::StreamExt;
@@ -19,6 +19,12 @@ use serde_json::json;
 use crate::config::ConfigPatch;
 use crate::conn::ConnHandle;
 use crate::state::{Gate, KeyState, Lookup, MockState, RateHeaders, inc};
+
+const RETRY_AFTER_MS: HeaderName = HeaderName::from_static("retry-after-ms");
+const QUOTA_RESETS_IN_MS: HeaderName = HeaderName::from_static("quota-resets-in-ms");
+const RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
+const RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
+const RATELIMIT_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
 
 /// Largest request body `/echo` reads.
 const ECHO_BODY_LIMIT: usize = 2 * 1024 * 1024;
@@ -125,8 +131,22 @@ async fn patch_config(State(state): State<MockState>, body: Bytes) -> Response {
     }
 }
 
+/// The JSON body of every error answer.
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    error: &'a str,
+    message: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    retry_after_ms: Option<u64>,
+}
+
 fn error(status: StatusCode, code: &str, message: &str) -> Response {
-    (status, Json(json!({"error": code, "message": message}))).into_response()
+    let body = ErrorBody {
+        error: code,
+        message,
+        retry_after_ms: None,
+    };
+    (status, Json(body)).into_response()
 }
 
 /// The `api_key` and `id` query parameters, when present.
@@ -240,22 +260,20 @@ fn plan(state: &MockState, headers: &HeaderMap, query_key: Option<&str>) -> Deci
                 "quota_exhausted",
                 "the quota of this API key is used up; use another key or wait for the period to end",
             );
-            set_header(&mut r, "quota-resets-in-ms", ceil_millis(wait));
+            set_header(&mut r, QUOTA_RESETS_IN_MS, ceil_millis(wait));
             return Decision::Answer(with_rate_headers(r, rate));
         }
         Gate::Limited(wait) => {
             inc(&key.counters.rate_limited);
-            let mut r = (
-                StatusCode::TOO_MANY_REQUESTS,
-                Json(json!({
-                    "error": "rate_limited",
-                    "message": "too many requests for this API key; retry after the given time",
-                    "retry_after_ms": ceil_millis(wait),
-                })),
-            )
-                .into_response();
-            set_header(&mut r, header::RETRY_AFTER.as_str(), ceil_secs(wait));
-            set_header(&mut r, "retry-after-ms", ceil_millis(wait));
+            let retry_after_ms = ceil_millis(wait);
+            let body = ErrorBody {
+                error: "rate_limited",
+                message: "too many requests for this API key; retry after the given time",
+                retry_after_ms: Some(retry_after_ms),
+            };
+            let mut r = (StatusCode::TOO_MANY_REQUESTS, Json(body)).into_response();
+            set_header(&mut r, header::RETRY_AFTER, ceil_secs(wait));
+            set_header(&mut r, RETRY_AFTER_MS, retry_after_ms);
             return Decision::Answer(with_rate_headers(r, rate));
         }
     }
@@ -299,21 +317,18 @@ fn ceil_secs(d: Duration) -> u64 {
     u64::try_from(s).unwrap_or(u64::MAX)
 }
 
-fn set_header(r: &mut Response, name: &'static str, value: impl ToString) {
-    if let Ok(v) = HeaderValue::from_str(&value.to_string()) {
-        r.headers_mut().insert(name, v);
-    }
+fn set_header(r: &mut Response, name: HeaderName, value: impl Into<HeaderValue>) {
+    r.headers_mut().insert(name, value.into());
 }
 
 fn with_rate_headers(mut r: Response, rate: Option<RateHeaders>) -> Response {
     if let Some(h) = rate {
-        set_header(&mut r, "x-ratelimit-limit", h.limit);
-        set_header(&mut r, "x-ratelimit-remaining", h.remaining);
-        set_header(
-            &mut r,
-            "x-ratelimit-reset",
-            format!("{:.3}", h.reset.as_secs_f64()),
-        );
+        set_header(&mut r, RATELIMIT_LIMIT, h.limit);
+        set_header(&mut r, RATELIMIT_REMAINING, h.remaining);
+        let reset = format!("{:.3}", h.reset.as_secs_f64());
+        if let Ok(v) = HeaderValue::from_str(&reset) {
+            set_header(&mut r, RATELIMIT_RESET, v);
+        }
     }
     r
 }
