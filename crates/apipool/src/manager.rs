@@ -7,8 +7,9 @@ use crate::error::{CallError, Error};
 use crate::key::ApiKey;
 use crate::outcome::{Classifier, DefaultClassifier, Outcome};
 use crate::status::{CallEvent, CallStatus, StatsSink};
+use crate::store::{KeyChange, KeyStateStore, MemoryStore};
 use event_listener::{Event, EventListener, Listener};
-use parking_lot::{Mutex, RwLock};
+use parking_lot::RwLock;
 use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
@@ -108,14 +109,15 @@ impl From<CallSettings> for CallOpts {
     }
 }
 
-struct State<K: ApiKey> {
-    engine: Engine,
+/// The pool's keys and clients by store slot and by primary key.
+struct Keys<K: ApiKey> {
     entries: Vec<Option<Arc<KeyClient<K>>>>,
     by_pk: HashMap<String, u32>,
 }
 
 pub(crate) struct Inner<K: ApiKey> {
-    state: Mutex<State<K>>,
+    store: Box<dyn KeyStateStore>,
+    keys: RwLock<Keys<K>>,
     released: Event,
     clock: Arc<dyn Clock>,
     sink: Option<Arc<dyn StatsSink>>,
@@ -154,10 +156,9 @@ impl<K: ApiKey> Clone for ApiKeyManager<K> {
 
 impl<K: ApiKey> fmt::Debug for ApiKeyManager<K> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let st = self.inner.state.lock();
         f.debug_struct("ApiKeyManager")
             .field("name", &self.inner.name)
-            .field("engine", &st.engine)
+            .field("store", &self.inner.store)
             .finish_non_exhaustive()
     }
 }
@@ -217,7 +218,7 @@ impl<K: ApiKey> Lease<K> {
         };
         let inner = &self.inner;
         let now = inner.clock.now();
-        inner.state.lock().engine.report(token, outcome, now);
+        inner.store.report(token, outcome, now);
         inner.released.notify(1);
         if let Some(sink) = &inner.sink {
             sink.record(CallEvent {
@@ -309,18 +310,18 @@ impl<K: ApiKey> ApiKeyManager<K> {
 
     /// Number of keys in the pool (any state).
     pub fn pool_size(&self) -> usize {
-        self.inner.state.lock().engine.len()
+        self.inner.store.len()
     }
 
     /// Number of keys that could serve a call right now.
     pub fn available_count(&self) -> usize {
         let now = self.inner.clock.now();
-        self.inner.state.lock().engine.available_count(now)
+        self.inner.store.available_count(now)
     }
 
     /// Calls in flight across the pool.
     pub fn in_flight(&self) -> u64 {
-        self.inner.state.lock().engine.in_flight()
+        self.inner.store.in_flight()
     }
 
     /// The pool's name (used in statistics), if set.
@@ -330,12 +331,12 @@ impl<K: ApiKey> ApiKeyManager<K> {
 
     /// The current rotation strategy.
     pub fn strategy(&self) -> Strategy {
-        self.inner.state.lock().engine.strategy()
+        self.inner.store.strategy()
     }
 
     /// Switches the rotation strategy at run time.
     pub fn set_strategy(&self, strategy: Strategy) {
-        self.inner.state.lock().engine.set_strategy(strategy);
+        self.inner.store.set_strategy(strategy);
     }
 
     /// Switches the rotation strategy by name (the seed's `rotation_strategy`).
@@ -350,10 +351,9 @@ impl<K: ApiKey> ApiKeyManager<K> {
         config.validate()?;
         let limits = config.limits()?;
         {
-            let mut st = self.inner.state.lock();
-            let mut settings = st.engine.settings().clone();
+            let mut settings = self.inner.store.settings();
             settings_from_config(&mut settings, config, limits)?;
-            st.engine.apply_settings(settings);
+            self.inner.store.apply_settings(settings);
         }
         let mut calls = self.inner.calls.write();
         *calls = call_settings_from_config(config, calls.retry.max_refusals)?;
@@ -368,14 +368,15 @@ impl<K: ApiKey> ApiKeyManager<K> {
         let pk = key.primary_key().to_owned();
         let client = key.create_client();
         let now = self.inner.clock.now();
-        let mut st = self.inner.state.lock();
+        let mut st = self.inner.keys.write();
         if st.by_pk.contains_key(&pk) {
             return Err(Error::DuplicateKey {
                 identifier: id.to_string(),
             });
         }
-        let idx = st
-            .engine
+        let idx = self
+            .inner
+            .store
             .add_key(id.clone(), key.weight(), key.scope(), now);
         let entry = Arc::new(KeyClient {
             key,
@@ -396,14 +397,14 @@ impl<K: ApiKey> ApiKeyManager<K> {
 
     /// Removes the key with this primary key and returns it. Calls in flight on it finish normally.
     pub fn remove_one(&self, primary_key: &str) -> Result<Arc<KeyClient<K>>, Error> {
-        let mut st = self.inner.state.lock();
+        let mut st = self.inner.keys.write();
         let idx = st
             .by_pk
             .remove(primary_key)
             .ok_or_else(|| Error::UnknownKey {
                 identifier: crate::key::fingerprint(primary_key),
             })?;
-        st.engine.remove_key(idx);
+        self.inner.store.remove_key(idx);
         let entry = st.entries[idx as usize]
             .take()
             .ok_or_else(|| Error::UnknownKey {
@@ -414,11 +415,12 @@ impl<K: ApiKey> ApiKeyManager<K> {
 
     /// Whether a key with this primary key is in the pool.
     pub fn contains(&self, primary_key: &str) -> bool {
-        self.inner.state.lock().by_pk.contains_key(primary_key)
+        self.inner.keys.read().by_pk.contains_key(primary_key)
     }
 
-    fn with_key<R>(&self, key: &str, f: impl FnOnce(&mut Engine, u32) -> R) -> Result<R, Error> {
-        let mut st = self.inner.state.lock();
+    /// Finds a key's store slot by primary key or identifier.
+    fn slot_of(&self, key: &str) -> Result<u32, Error> {
+        let st = self.inner.keys.read();
         let idx = match st.by_pk.get(key) {
             Some(&i) => i,
             None => st
@@ -435,44 +437,51 @@ impl<K: ApiKey> ApiKeyManager<K> {
                     },
                 })?,
         };
-        Ok(f(&mut st.engine, idx))
+        Ok(idx)
+    }
+
+    fn change(&self, key: &str, change: KeyChange) -> Result<(), Error> {
+        let slot = self.slot_of(key)?;
+        self.inner
+            .store
+            .change(slot, change, self.inner.clock.now());
+        if matches!(change, KeyChange::Enable | KeyChange::Reset) {
+            self.inner.released.notify(usize::MAX);
+        }
+        Ok(())
     }
 
     /// Takes a key out of rotation by hand (by primary key or identifier) until [`Self::enable`].
     pub fn disable(&self, key: &str) -> Result<(), Error> {
-        self.with_key(key, |e, k| e.disable(k))
+        self.change(key, KeyChange::Disable)
     }
 
     /// Puts a disabled key back into rotation.
     pub fn enable(&self, key: &str) -> Result<(), Error> {
-        let now = self.inner.clock.now();
-        self.with_key(key, |e, k| e.enable(k, now))?;
-        self.inner.released.notify(usize::MAX);
-        Ok(())
+        self.change(key, KeyChange::Enable)
     }
 
     /// Archives a key by hand.
     pub fn archive(&self, key: &str) -> Result<(), Error> {
-        self.with_key(key, |e, k| e.archive(k, ArchiveReason::Manual))
+        self.change(key, KeyChange::Archive(ArchiveReason::Manual))
     }
 
     /// Clears a key's health: active again, no cooldown, ban, failures or archive.
     pub fn reset(&self, key: &str) -> Result<(), Error> {
-        let now = self.inner.clock.now();
-        self.with_key(key, |e, k| e.reset(k, now))?;
-        self.inner.released.notify(usize::MAX);
-        Ok(())
+        self.change(key, KeyChange::Reset)
     }
 
     /// Whether a key is archived.
     pub fn is_archived(&self, key: &str) -> Result<bool, Error> {
-        self.with_key(key, |e, k| e.is_archived(k))
+        Ok(self.inner.store.is_archived(self.slot_of(key)?))
     }
 
     /// Says why a key is (or is not) skipped right now.
     pub fn explain(&self, key: &str) -> Result<KeyReport, Error> {
-        let now = self.inner.clock.now();
-        self.with_key(key, |e, k| e.explain(k, now))?
+        let slot = self.slot_of(key)?;
+        self.inner
+            .store
+            .explain(slot, self.inner.clock.now())
             .ok_or_else(|| Error::UnknownKey {
                 identifier: key.to_owned(),
             })
@@ -481,30 +490,32 @@ impl<K: ApiKey> ApiKeyManager<K> {
     /// Reports on every key (in insertion-slot order).
     pub fn key_reports(&self) -> Vec<KeyReport> {
         let now = self.inner.clock.now();
-        let st = self.inner.state.lock();
-        st.entries
+        self.keys()
             .iter()
-            .flatten()
-            .filter_map(|e| st.engine.explain(e.idx, now))
+            .filter_map(|e| self.inner.store.explain(e.idx, now))
             .collect()
     }
 
     /// Counts keys per state name ("active", "cooling", "banned", "archived", "disabled").
     pub fn state_counts(&self) -> HashMap<&'static str, usize> {
-        let now = self.inner.clock.now();
-        self.inner.state.lock().engine.state_counts(now)
+        self.inner.store.state_counts(self.inner.clock.now())
     }
 
     /// Every key with its client (for usability checks, or to close clients).
     pub fn keys(&self) -> Vec<Arc<KeyClient<K>>> {
         self.inner
-            .state
-            .lock()
+            .keys
+            .read()
             .entries
             .iter()
             .flatten()
             .cloned()
             .collect()
+    }
+
+    /// Lends a free key, waiting up to `max_wait` (the seed's `fetch_one`; same as [`Self::acquire`]).
+    pub fn fetch_one(&self) -> Result<Lease<K>, Error> {
+        self.acquire()
     }
 
     /// Picks a key and lends it, if one is free now. Never waits.
@@ -576,13 +587,21 @@ impl<K: ApiKey> ApiKeyManager<K> {
     /// One acquire attempt. `deadline: None` means "do not wait".
     fn step(&self, avoid: &[u32], deadline: Option<Instant>) -> Step<K> {
         let now = self.inner.clock.now();
-        let mut st = self.inner.state.lock();
-        match st.engine.acquire(now, avoid) {
+        match self.inner.store.acquire(now, avoid) {
             Acquire::Granted(token) => {
-                let entry = st.entries[token.idx as usize]
-                    .clone()
-                    .expect("the engine only grants live keys");
-                drop(st);
+                let entry = self
+                    .inner
+                    .keys
+                    .read()
+                    .entries
+                    .get(token.idx as usize)
+                    .cloned()
+                    .flatten();
+                let Some(entry) = entry else {
+                    // Removed between the grant and now: hand the lease back and try again.
+                    self.inner.store.report(token, None, now);
+                    return self.step(avoid, deadline);
+                };
                 Step::Ready(Lease {
                     inner: self.inner.clone(),
                     entry,
@@ -757,7 +776,7 @@ impl<K: ApiKey> ApiKeyManager<K> {
     }
 
     fn archive_unusable(&self, bad: Vec<Arc<KeyClient<K>>>) -> Vec<String> {
-        let mut st = self.inner.state.lock();
+        let st = self.inner.keys.read();
         let mut archived = Vec::new();
         for e in bad {
             let still_here = st
@@ -766,7 +785,11 @@ impl<K: ApiKey> ApiKeyManager<K> {
                 .and_then(Option::as_ref)
                 .is_some_and(|x| Arc::ptr_eq(x, &e));
             if still_here {
-                st.engine.archive(e.idx, ArchiveReason::Unusable);
+                self.inner.store.change(
+                    e.idx,
+                    KeyChange::Archive(ArchiveReason::Unusable),
+                    self.inner.clock.now(),
+                );
                 archived.push(e.id.to_string());
             }
         }
@@ -1030,14 +1053,14 @@ impl<K: ApiKey> ApiKeyManagerBuilder<K> {
         }
         settings_from_config(&mut settings, &config, limits)?;
         let calls = call_settings_from_config(&config, self.max_refusals)?;
-        let mut engine = Engine::new(settings, strategy, self.seed, self.clock.now());
+        let store = MemoryStore::new(Engine::new(settings, strategy, self.seed, self.clock.now()));
         for (name, limits, max_in_flight) in self.scopes {
-            engine.define_scope(&name, limits, max_in_flight);
+            store.define_scope(&name, limits, max_in_flight);
         }
         let pool = ApiKeyManager {
             inner: Arc::new(Inner {
-                state: Mutex::new(State {
-                    engine,
+                store: Box::new(store),
+                keys: RwLock::new(Keys {
                     entries: Vec::new(),
                     by_pk: HashMap::new(),
                 }),
