@@ -45,6 +45,7 @@ pub mod sdk;
 #[cfg(feature = "stats")]
 pub mod stats;
 pub mod status;
+mod store;
 
 pub use batch::{BatchOptions, BatchProgress, BatchResult};
 pub use clock::{Clock, ManualClock, SystemClock};
