@@ -506,8 +506,7 @@ fn sync_dynamic_manager_from_plain_threads() {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let (server, admin) = rt.block_on(seeded(900));
     let session = sdk::login(&server.url(), ADMIN, PASSWORD).expect("login");
-    let s2 = session.clone();
-    let mgr = DynamicKeyManager::builder(move || sdk::get_keys(&s2, "prices"))
+    let mgr = DynamicKeyManager::builder(move || sdk::get_keys(&session, "prices"))
         .refresh_interval(Duration::from_secs(3600))
         .start()
         .expect("start");

@@ -121,6 +121,8 @@ struct Tokens {
     refresh: SecretString,
     /// When to refresh before use; `None` when the server did not say how long tokens live.
     refresh_at: Option<Instant>,
+    /// When the access token expires, when known.
+    expires_at: Option<Instant>,
     generation: u64,
 }
 
@@ -305,6 +307,7 @@ impl Session {
         credentials: Option<(String, SecretString)>,
     ) -> Self {
         let refresh_at = refresh_at(issued, body.expires_in, opts.refresh_margin);
+        let expires_at = body.expires_in.map(|s| issued + Duration::from_secs(s));
         Self {
             inner: Arc::new(Inner {
                 api,
@@ -315,6 +318,7 @@ impl Session {
                     access: body.access_token,
                     refresh: body.refresh_token,
                     refresh_at,
+                    expires_at,
                     generation: 0,
                 }),
                 refresh_lock: tokio::sync::Mutex::new(()),
@@ -383,18 +387,26 @@ impl Session {
     /// A fresh access token: refreshed first when due.
     async fn token(&self) -> Result<(SecretString, u64), SdkError> {
         let now = self.inner.clock.now();
-        let (access, generation, due) = {
+        let (access, generation, due, expired) = {
             let t = self.inner.tokens.read();
             (
                 t.access.clone(),
                 t.generation,
                 t.refresh_at.is_some_and(|at| now >= at),
+                t.expires_at.is_some_and(|at| now >= at),
             )
         };
-        if due {
-            return self.renew(generation).await;
+        if !due {
+            return Ok((access, generation));
         }
-        Ok((access, generation))
+        match self.renew(generation).await {
+            // Renewing early failed for a passing reason: the current token still works a while.
+            Err(e) if e.is_transient() && !expired => {
+                tracing::debug!(server = %self.inner.api, "early token renewal failed, using the current token: {e}");
+                Ok((access, generation))
+            }
+            other => other,
+        }
     }
 
     /// Renews the tokens unless someone already did since `seen` (one refresh for many callers).
@@ -431,6 +443,7 @@ impl Session {
         };
         let mut t = self.inner.tokens.write();
         t.refresh_at = refresh_at(issued, tokens.expires_in, self.inner.margin);
+        t.expires_at = tokens.expires_in.map(|s| issued + Duration::from_secs(s));
         t.access = tokens.access_token;
         t.refresh = tokens.refresh_token;
         t.generation += 1;

@@ -28,6 +28,7 @@ pub struct UploadOptions {
     max_backoff: Duration,
     max_queue: usize,
     client_id: Option<String>,
+    flush_when_full: bool,
 }
 
 impl Default for UploadOptions {
@@ -38,6 +39,7 @@ impl Default for UploadOptions {
             max_backoff: Duration::from_secs(60),
             max_queue: 100_000,
             client_id: None,
+            flush_when_full: true,
         }
     }
 }
@@ -91,6 +93,17 @@ impl UploadOptions {
     /// ```
     pub fn max_queue(mut self, n: usize) -> Self {
         self.max_queue = n.max(1);
+        self
+    }
+
+    /// Upload as soon as a full batch is queued (default true); when false, only every
+    /// `interval` and on [`StatsUploader::flush`].
+    ///
+    /// ```
+    /// let _ = apipool::sdk::UploadOptions::new().flush_when_full(false);
+    /// ```
+    pub fn flush_when_full(mut self, on: bool) -> Self {
+        self.flush_when_full = on;
         self
     }
 
@@ -302,7 +315,7 @@ impl StatsSink for StatsUploader {
                 tracing::warn!(pool = %self.inner.pool, dropped = n + 1, "stats upload queue full: dropping the oldest events");
             }
         }
-        let full = q.len() >= self.inner.opts.batch_size;
+        let full = self.inner.opts.flush_when_full && q.len() >= self.inner.opts.batch_size;
         drop(q);
         if full {
             self.inner.wake.notify_one();
