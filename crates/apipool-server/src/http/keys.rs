@@ -507,8 +507,26 @@ async fn list_keys(
         page_size: f.page_size,
     }
     .resolve()?;
-    let mut filter = Sql::new(" FROM api_keys k WHERE k.user_id = ");
-    filter.bind(user.id.clone());
+    let mut filter = match f.tag {
+        // Driven by the (user_id, tag) index, so a rare tag among 100,000 keys stays cheap
+        // (each key has a tag at most once: the join cannot duplicate rows).
+        Some(tag) => {
+            let mut sql = Sql::new(
+                " FROM api_key_tags t JOIN api_keys k ON k.id = t.key_id WHERE t.user_id = ",
+            );
+            sql.bind(user.id.clone())
+                .push(" AND t.tag = ")
+                .bind(tag)
+                .push(" AND k.user_id = ")
+                .bind(user.id.clone());
+            sql
+        }
+        None => {
+            let mut sql = Sql::new(" FROM api_keys k WHERE k.user_id = ");
+            sql.bind(user.id.clone());
+            sql
+        }
+    };
     if let Some(a) = f.is_active {
         filter.push(" AND k.is_active = ").bind(a);
     }
@@ -517,15 +535,6 @@ async fn list_keys(
     }
     if let Some(v) = f.verification_status {
         filter.push(" AND k.verification_status = ").bind(v);
-    }
-    if let Some(t) = f.tag {
-        // Driven by the (user_id, tag) index, so a rare tag among 100,000 keys stays cheap.
-        filter
-            .push(" AND k.id IN (SELECT t.key_id FROM api_key_tags t WHERE t.user_id = ")
-            .bind(user.id.clone())
-            .push(" AND t.tag = ")
-            .bind(t)
-            .push(")");
     }
     if let Some(s) = f.search.filter(|s| !s.is_empty()) {
         if s.chars().count() > 128 {
@@ -886,19 +895,43 @@ async fn existing(
 ) -> ApiResult<HashMap<String, String>> {
     let mut out = HashMap::new();
     for chunk in values.chunks(1000) {
-        // A join against a VALUES list (not `IN (...)`): the plan stays an index probe per value
-        // even without fresh statistics, where a long IN list of parameters can degrade into
-        // comparing every stored row with every value.
-        let mut sql = Sql::for_db(
-            state.db.kind,
-            &format!("SELECT k.{col} AS v, k.{ret} AS r FROM api_keys k JOIN (VALUES "),
-        );
-        for (i, v) in chunk.iter().enumerate() {
-            sql.push(if i == 0 { "(" } else { ", (" });
-            sql.bind(v.clone()).push(")");
-        }
-        sql.push(&format!(") AS v ON k.{col} = v.column1 WHERE k.user_id = "))
-            .bind(user.id.clone());
+        // Each backend gets the shape its planner handles well without fresh statistics:
+        // SQLite turns `IN (...)` into a probe of the (user_id, col) index per value, while
+        // PostgreSQL's generic plan for a long IN list of parameters can degrade into comparing
+        // every stored row with every value; a join against a VALUES list stays index probes.
+        let sql = match state.db.kind {
+            DbKind::Sqlite => {
+                let mut sql = Sql::for_db(
+                    state.db.kind,
+                    &format!(
+                        "SELECT k.{col} AS v, k.{ret} AS r FROM api_keys k WHERE k.user_id = "
+                    ),
+                );
+                sql.bind(user.id.clone())
+                    .push(&format!(" AND k.{col} IN ("));
+                for (i, v) in chunk.iter().enumerate() {
+                    if i > 0 {
+                        sql.push(", ");
+                    }
+                    sql.bind(v.clone());
+                }
+                sql.push(")");
+                sql
+            }
+            DbKind::Postgres => {
+                let mut sql = Sql::for_db(
+                    state.db.kind,
+                    &format!("SELECT k.{col} AS v, k.{ret} AS r FROM api_keys k JOIN (VALUES "),
+                );
+                for (i, v) in chunk.iter().enumerate() {
+                    sql.push(if i == 0 { "(" } else { ", (" });
+                    sql.bind(v.clone()).push(")");
+                }
+                sql.push(&format!(") AS v ON k.{col} = v.column1 WHERE k.user_id = "))
+                    .bind(user.id.clone());
+                sql
+            }
+        };
         for r in sql.into_query().fetch_all(&state.db.pool).await? {
             out.insert(r.try_get("v")?, r.try_get("r")?);
         }
@@ -1043,6 +1076,7 @@ async fn update_key(
         }
     }
     tx.commit().await?;
+    state.engines.keys_changed(&user.id).await;
     let row = load_key_row(&state, &user, &new_ident).await?;
     Ok(Json(KeyOut::from_row(&row)?))
 }
@@ -1057,13 +1091,14 @@ async fn delete_key(
     AppPath(identifier): AppPath<String>,
 ) -> ApiResult<StatusCode> {
     let done = sqlx::query("DELETE FROM api_keys WHERE user_id = $1 AND identifier = $2")
-        .bind(user.id)
+        .bind(user.id.clone())
         .bind(identifier.clone())
         .execute(&state.db.pool)
         .await?;
     if done.rows_affected() == 0 {
         return Err(ApiError::not_found("key", &identifier));
     }
+    state.engines.keys_changed(&user.id).await;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -1118,6 +1153,7 @@ async fn rotate_key(
     .bind(id)
     .execute(&state.db.pool)
     .await?;
+    state.engines.keys_changed(&user.id).await;
     let row = load_key_row(&state, &user, &identifier).await?;
     Ok(Json(KeyOut::from_row(&row)?))
 }
