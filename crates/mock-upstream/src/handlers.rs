@@ -55,7 +55,7 @@ pub fn price_for(id: &str) -> f64 {
         h ^= u64::from(b);
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
-    // Exact in f64: an integer below 2^53 divided by 100.
+    // A whole number of cents, so the JSON shows at most two decimals.
     let cents = u32::try_from(h % 1_000_000).unwrap_or(0) + 1;
     f64::from(cents) / 100.0
 }
