@@ -13,6 +13,7 @@ use crate::auth::{LoginThrottle, TokenKeys};
 use crate::clock::{SharedClock, SystemClock};
 use crate::config::Config;
 use crate::db::Db;
+use crate::engines::Engines;
 use crate::http::{AppState, app};
 use crate::vault::{KeySource, MasterKey, Vault};
 
@@ -67,9 +68,11 @@ impl Application {
     pub async fn build_with_clock(config: Config, clock: SharedClock) -> anyhow::Result<Self> {
         ensure_data_dir(&config)?;
         let db = Db::connect(&config.effective_database_url(), config.db_max_connections).await?;
-        let vault = Vault::open(db.clone(), key_source(&config)?, clock.now_ms())
-            .await
-            .context("cannot open the key vault")?;
+        let vault = Arc::new(
+            Vault::open(db.clone(), key_source(&config)?, clock.now_ms())
+                .await
+                .context("cannot open the key vault")?,
+        );
         let tokens = TokenKeys::new(
             vault.jwt_secret(),
             Duration::from_secs(config.access_token_ttl_secs),
@@ -85,6 +88,9 @@ impl Application {
             crate::auth::hash_password(&SecretString::from("apipool-dummy-password"))
         })
         .await??;
+        let engines = Engines::open(db.clone(), vault.clone(), &config.effective_database_url())
+            .await
+            .context("cannot start the pool engines")?;
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(10))
             .redirect(reqwest::redirect::Policy::none())
@@ -96,12 +102,13 @@ impl Application {
         let state = AppState {
             config: Arc::new(config),
             db,
-            vault: Arc::new(vault),
+            vault,
             tokens: Arc::new(tokens),
             throttle: Arc::new(throttle),
             clock,
             dummy_hash: dummy_hash.into(),
             http,
+            engines: Arc::new(engines),
         };
         bootstrap_admin(&state).await?;
         Ok(Self {
@@ -156,6 +163,8 @@ impl Application {
                 }
             }
         });
+        self.state.engines.spawn_resync(token.clone());
+        let engines = self.state.engines.clone();
         let router = app(self.state);
         let result = axum::serve(
             self.listener,
@@ -164,6 +173,7 @@ impl Application {
         .with_graceful_shutdown(shutdown_signal(token.clone()))
         .await;
         token.cancel();
+        engines.close().await;
         result
     }
 }

@@ -10,6 +10,8 @@ pub mod extractor;
 pub mod health;
 pub mod keys;
 pub mod pools;
+pub mod proxy;
+pub mod stats;
 pub mod types;
 pub mod users;
 
@@ -31,6 +33,7 @@ use crate::auth::{LoginThrottle, TokenKeys};
 use crate::clock::SharedClock;
 use crate::config::Config;
 use crate::db::Db;
+use crate::engines::Engines;
 use crate::vault::Vault;
 
 /// Shared state of every handler. Cheap to clone. Later issues add fields here (e.g. the registry
@@ -53,6 +56,8 @@ pub struct AppState {
     pub dummy_hash: Arc<str>,
     /// HTTP client for key verification.
     pub http: reqwest::Client,
+    /// Live pool engines (the proxy) and the statistics collector.
+    pub engines: Arc<Engines>,
 }
 
 impl std::fmt::Debug for AppState {
@@ -90,6 +95,8 @@ impl Modify for BearerAuth {
         (name = "users", description = "Administration of users"),
         (name = "keys", description = "API keys (stored encrypted)"),
         (name = "pools", description = "Pools of keys with a shared configuration"),
+        (name = "proxy", description = "Calls through a pool: rotation, limits, cooldowns, retries"),
+        (name = "stats", description = "Usage statistics of proxied and reported calls"),
         (name = "health", description = "Liveness and readiness"),
     )
 )]
@@ -105,6 +112,8 @@ pub fn api() -> (Router<AppState>, utoipa::openapi::OpenApi) {
                 .merge(users::router())
                 .merge(keys::router())
                 .merge(pools::router())
+                .merge(proxy::router())
+                .merge(stats::router())
                 .merge(health::api_router()),
         )
         .merge(health::root_router())

@@ -320,6 +320,9 @@ pub fn validate_pool_config(v: Option<Value>) -> ApiResult<Option<String>> {
             _ => {}
         }
     }
+    // What the engine will run with must parse too (e.g. the `rate_limits` extension).
+    apipool::PoolConfig::from_json(&cfg)
+        .map_err(|e| ApiError::field(&format!("pool_config.{}", e.field), e.message))?;
     let text = cfg.to_string();
     if text.len() > 64 * 1024 {
         return Err(ApiError::field(
@@ -647,11 +650,12 @@ async fn update_pool(
     if let Some(v) = body.is_active {
         sql.push(", is_active = ").bind(v);
     }
-    sql.push(" WHERE id = ").bind(current.id);
+    sql.push(" WHERE id = ").bind(current.id.clone());
     sql.into_query()
         .execute(&state.db.pool)
         .await
         .on_unique(|| format!("a pool with identifier '{new_ident}' already exists"))?;
+    state.engines.pool_changed(&current.id).await;
     Ok(Json(pool_with_members(&state, &user, &new_ident).await?))
 }
 
@@ -665,13 +669,14 @@ async fn delete_pool(
     AppPath(pool): AppPath<String>,
 ) -> ApiResult<StatusCode> {
     let done = sqlx::query("DELETE FROM pools WHERE user_id = $1 AND identifier = $2")
-        .bind(user.id)
+        .bind(user.id.clone())
         .bind(pool.clone())
         .execute(&state.db.pool)
         .await?;
     if done.rows_affected() == 0 {
         return Err(ApiError::not_found("pool", &pool));
     }
+    state.engines.pool_deleted(&user.id, &pool);
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -743,6 +748,7 @@ async fn add_members(
     )
     .await?;
     tx.commit().await?;
+    state.engines.pool_changed(&p.id).await;
     Ok(Json(pool_with_members(&state, &user, &pool).await?))
 }
 
@@ -760,7 +766,7 @@ async fn remove_member(
         "DELETE FROM pool_members WHERE pool_id = $1 AND key_id IN \
          (SELECT id FROM api_keys WHERE user_id = $2 AND identifier = $3)",
     )
-    .bind(p.id)
+    .bind(p.id.clone())
     .bind(user.id)
     .bind(key.clone())
     .execute(&state.db.pool)
@@ -770,6 +776,7 @@ async fn remove_member(
             "key '{key}' is not a member of pool '{pool}'"
         )));
     }
+    state.engines.pool_changed(&p.id).await;
     Ok(StatusCode::NO_CONTENT)
 }
 

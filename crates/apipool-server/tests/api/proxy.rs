@@ -1,0 +1,343 @@
+//! The proxy: invoke (the apipool-ng `dummyclient` protocol), the transparent `/http` route, key
+//! injection and the status route, against a real mock upstream.
+
+use mock_upstream::price_for;
+use serde_json::{Value, json};
+
+use crate::both_backends;
+use crate::helpers::{Backend, spawn_app};
+use crate::proxy_helpers::{
+    add_key, answer, get_via_invoke, invoke, key_health, make_pool, mock, status, upstream,
+};
+
+both_backends!(
+    invoke_reaches_the_upstream_with_a_key,
+    invoke_prefers_the_keys_base_url_and_needs_one,
+    invoke_wraps_non_json_and_error_statuses,
+    http_route_forwards_and_injects_the_key,
+    http_route_auth_placements,
+    status_reports_counts_and_health,
+);
+
+async fn invoke_reaches_the_upstream_with_a_key(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let t = app.admin_token.clone();
+    let up = mock(&["raw-key-one", "raw-key-two"]).await;
+    add_key(&app, &t, "one", "raw-key-one", None).await;
+    add_key(&app, &t, "two", "raw-key-two", None).await;
+    make_pool(
+        &app,
+        &t,
+        "prices",
+        &["one", "two"],
+        upstream(&up.url(), "bearer"),
+    )
+    .await;
+
+    let a = get_via_invoke(&app, &t, "prices", "/price", json!({"id": "bitcoin"})).await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert_eq!(a.body["success"], true);
+    assert!(a.body["error"].is_null());
+    let data = &a.body["data"];
+    assert_eq!(data["_type"], "httpx.Response");
+    assert_eq!(data["status_code"], 200);
+    assert_eq!(data["headers"]["content-type"], "application/json");
+    assert_eq!(data["data"]["id"], "bitcoin");
+    assert_eq!(data["data"]["price"], price_for("bitcoin"));
+    let key = a.body["key_identifier"].as_str().unwrap();
+    assert!(key == "one" || key == "two", "{key}");
+    assert_eq!(a.body["pool_total"], 2);
+    assert_eq!(a.body["pool_available"], 2);
+
+    // `url=` keyword, `/call` alias, the upstream saw our keys.
+    let r = app
+        .post(
+            &t,
+            "/proxy/prices/call",
+            json!({"attr_path": ["get"], "args": [], "kwargs": {"url": "price", "params": {"id": "eth"}}}),
+        )
+        .await;
+    let a = answer(r).await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert_eq!(a.body["data"]["data"]["price"], price_for("eth"));
+    let s = up.stats();
+    assert_eq!(s.admitted_ok(), 2);
+    assert_eq!(s.unknown_key, 0, "every call carried a valid key");
+
+    // A JSON body through POST and a path prefix from attr_path.
+    let a = invoke(
+        &app,
+        &t,
+        "prices",
+        json!({"attr_path": ["echo", "items", "post"], "args": ["new"], "kwargs": {"json": {"n": 1}, "headers": {"X-Trace": "t1"}}}),
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    let echo = &a.body["data"]["data"];
+    assert_eq!(echo["method"], "POST");
+    assert_eq!(echo["path"], "/echo/items/new");
+    assert_eq!(echo["body"], "{\"n\":1}");
+    assert_eq!(echo["headers"]["content-type"], "application/json");
+    assert_eq!(echo["headers"]["x-trace"], "t1");
+    let auth = echo["headers"]["authorization"].as_str().unwrap();
+    assert!(
+        auth == "Bearer raw-key-one" || auth == "Bearer raw-key-two",
+        "the key goes as Bearer"
+    );
+    up.shutdown().await.unwrap();
+}
+
+async fn invoke_prefers_the_keys_base_url_and_needs_one(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let t = app.admin_token.clone();
+    let a_up = mock(&["ka"]).await;
+    let b_up = mock(&["kb"]).await;
+    // The seed's way: base_url and headers in the key's client_config, no pool upstream.
+    add_key(
+        &app,
+        &t,
+        "a",
+        "ka",
+        Some(json!({"base_url": a_up.url(), "headers": {"X-Org": "acme"}})),
+    )
+    .await;
+    add_key(&app, &t, "b", "kb", None).await;
+    make_pool(&app, &t, "keybase", &["a"], json!({})).await;
+    let a = invoke(
+        &app,
+        &t,
+        "keybase",
+        json!({"attr_path": ["get"], "args": ["/echo/x"]}),
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert_eq!(a.body["data"]["data"]["headers"]["x-org"], "acme");
+    assert_eq!(a.body["data"]["data"]["headers"]["authorization"], "Bearer ka");
+
+    // The key's base_url wins over the pool's upstream.
+    make_pool(
+        &app,
+        &t,
+        "both",
+        &["a", "b"],
+        json!({"upstream": {"base_url": b_up.url()}, "rotation_strategy": "round_robin"}),
+    )
+    .await;
+    for _ in 0..4 {
+        let a = get_via_invoke(&app, &t, "both", "/price", json!({"id": "x"})).await;
+        assert_eq!(a.status, 200, "{}", a.body);
+    }
+    assert_eq!(a_up.stats().admitted_ok(), 1 + 2);
+    assert_eq!(b_up.stats().admitted_ok(), 2);
+
+    // Neither: a 422 that says what to set, and nothing sent.
+    make_pool(&app, &t, "nowhere", &["b"], json!({})).await;
+    let a = get_via_invoke(&app, &t, "nowhere", "/price", json!({"id": "x"})).await;
+    assert_eq!(a.status, 422, "{}", a.body);
+    assert_eq!(a.body["success"], false);
+    assert!(a.body["error"].as_str().unwrap().contains("base_url"));
+    assert_eq!(b_up.stats().admitted_ok(), 2);
+}
+
+async fn invoke_wraps_non_json_and_error_statuses(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let t = app.admin_token.clone();
+    let up = mock(&["k"]).await;
+    add_key(&app, &t, "k", "k", None).await;
+    make_pool(&app, &t, "p", &["k"], upstream(&up.url(), "bearer")).await;
+    // An upstream 400 is still `success: true` with that status (the SDK decides).
+    let a = get_via_invoke(&app, &t, "p", "/price", json!({})).await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert_eq!(a.body["success"], true);
+    assert_eq!(a.body["data"]["status_code"], 400);
+    // An unknown route of the upstream: 404 passes through the same way.
+    let a = get_via_invoke(&app, &t, "p", "/nope", json!({})).await;
+    assert_eq!(a.body["data"]["status_code"], 404);
+    // Unknown method: 400, nothing sent.
+    let before = up.stats().total_requests;
+    let a = invoke(&app, &t, "p", json!({"attr_path": ["stream"], "args": ["/price"]})).await;
+    assert_eq!(a.status, 400, "{}", a.body);
+    assert!(a.body["detail"].as_str().unwrap().contains("unsupported method"));
+    assert_eq!(up.stats().total_requests, before);
+    // Unknown pool: 404.
+    let a = get_via_invoke(&app, &t, "nope", "/price", json!({})).await;
+    assert_eq!(a.status, 404);
+}
+
+async fn http_route_forwards_and_injects_the_key(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let t = app.admin_token.clone();
+    let up = mock(&["sk-http-key"]).await;
+    add_key(&app, &t, "h", "sk-http-key", None).await;
+    make_pool(&app, &t, "web", &["h"], upstream(&format!("{}/echo", up.url()), "bearer")).await;
+    let r = app
+        .client
+        .post(app.api("/proxy/web/http/v1/items?a=1&b=two"))
+        .bearer_auth(&t)
+        .header("cookie", "session=caller")
+        .header("x-trace", "abc")
+        .header("connection", "keep-alive, x-hop")
+        .header("x-hop", "1")
+        .header("content-type", "text/plain")
+        .body("hello body")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers().get("set-cookie").is_none());
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["method"], "POST");
+    assert_eq!(v["path"], "/echo/v1/items");
+    assert_eq!(v["query"]["a"], "1");
+    assert_eq!(v["query"]["b"], "two");
+    assert_eq!(v["body"], "hello body");
+    let h = &v["headers"];
+    assert_eq!(h["authorization"], "Bearer sk-http-key", "the key, not the caller's token");
+    assert_eq!(h["x-trace"], "abc");
+    assert_eq!(h["content-type"], "text/plain");
+    assert!(h.get("cookie").is_none());
+    assert!(h.get("x-hop").is_none());
+    assert!(!v.to_string().contains(&t), "the apipool token never reaches the upstream");
+
+    // Any method, an empty path, and the upstream's status passes through.
+    for m in ["GET", "PUT", "PATCH", "DELETE", "OPTIONS"] {
+        let r = app
+            .client
+            .request(m.parse().unwrap(), app.api("/proxy/web/http/x"))
+            .bearer_auth(&t)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{m}");
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["method"], m);
+    }
+    let r = app
+        .client
+        .head(app.api("/proxy/web/http/x"))
+        .bearer_auth(&t)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    make_pool(&app, &t, "root", &["h"], upstream(&up.url(), "bearer")).await;
+    let r = app
+        .client
+        .get(app.api("/proxy/root/http/price"))
+        .bearer_auth(&t)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400, "the upstream's 400 passes through");
+
+    // Without a token: 401; a body over 10 MiB: 413 (nothing sent).
+    let r = app
+        .client
+        .get(app.api("/proxy/web/http/x"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let before = up.stats().total_requests;
+    let r = app
+        .client
+        .post(app.api("/proxy/web/http/x"))
+        .bearer_auth(&t)
+        .body(vec![b'a'; 10 * 1024 * 1024 + 1])
+        .send()
+        .await;
+    // The server answers before reading the body; the client may see the answer or, while
+    // still sending, a closed connection. Either way nothing reaches the upstream.
+    if let Ok(r) = r {
+        assert_eq!(r.status(), 413);
+    }
+    assert_eq!(up.stats().total_requests, before);
+
+    // A pool without upstream cannot use the transparent route.
+    make_pool(&app, &t, "bare", &["h"], json!({})).await;
+    let r = app
+        .client
+        .get(app.api("/proxy/bare/http/x"))
+        .bearer_auth(&t)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 422);
+}
+
+async fn http_route_auth_placements(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let t = app.admin_token.clone();
+    let up = mock(&["placed-key"]).await;
+    add_key(&app, &t, "k", "placed-key", None).await;
+    make_pool(&app, &t, "hdr", &["k"], upstream(&up.url(), "header:x-api-key")).await;
+    make_pool(&app, &t, "qry", &["k"], upstream(&up.url(), "query:api_key")).await;
+
+    let r = app
+        .client
+        .get(app.api("/proxy/hdr/http/echo/a"))
+        .bearer_auth(&t)
+        .header("x-api-key", "caller-tries-its-own")
+        .send()
+        .await
+        .unwrap();
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["headers"]["x-api-key"], "placed-key");
+    assert!(v["headers"].get("authorization").is_none());
+
+    let r = app
+        .client
+        .get(app.api("/proxy/qry/http/echo/a?x=1&api_key=caller-value"))
+        .bearer_auth(&t)
+        .send()
+        .await
+        .unwrap();
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["query"]["api_key"], "placed-key");
+    assert_eq!(v["query"]["x"], "1");
+    assert!(!v["raw_query"].as_str().unwrap().contains("caller-value"));
+    assert_eq!(up.stats().admitted_ok(), 2);
+
+    // invoke follows the pool's placement too.
+    let a = invoke(&app, &t, "qry", json!({"attr_path": ["get"], "args": ["/price"], "kwargs": {"params": {"id": "z"}}})).await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert_eq!(a.body["data"]["status_code"], 200);
+}
+
+async fn status_reports_counts_and_health(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let t = app.admin_token.clone();
+    let up = mock(&["s1", "s2", "s3"]).await;
+    for (i, raw) in ["s1", "s2", "s3"].iter().enumerate() {
+        add_key(&app, &t, &format!("k{i}"), raw, None).await;
+    }
+    make_pool(&app, &t, "st", &["k0", "k1", "k2"], upstream(&up.url(), "bearer")).await;
+    let r = app
+        .put(&t, "/keys/k2", json!({"is_active": false}))
+        .await;
+    assert_eq!(r.status(), 200);
+    let s = status(&app, &t, "st").await;
+    assert_eq!(s["success"], true);
+    assert_eq!(s["data"]["total_keys"], 3);
+    assert_eq!(s["data"]["available_keys"], 2);
+    assert_eq!(s["data"]["disabled_keys"], 1);
+    assert_eq!(s["pool_available"], 2);
+    assert_eq!(s["pool_total"], 3);
+    assert_eq!(key_health(&s, "k0")["state"], "active");
+    assert_eq!(key_health(&s, "k2")["state"], "disabled");
+    // An empty pool: success false, 200 (the SDK's usability check reads `success`).
+    make_pool(&app, &t, "empty", &[], json!({})).await;
+    let s = status(&app, &t, "empty").await;
+    assert_eq!(s["success"], false);
+    assert_eq!(s["data"]["total_keys"], 0);
+    let a = get_via_invoke(&app, &t, "empty", "/price", json!({"id": "x"})).await;
+    assert_eq!(a.status, 503, "{}", a.body);
+    assert_eq!(a.body["success"], false);
+    assert!(a.body["error"].as_str().unwrap().contains("no usable key"));
+    // A disabled pool answers 503 too.
+    let r = app.put(&t, "/pools/st", json!({"is_active": false})).await;
+    assert_eq!(r.status(), 200);
+    let a = get_via_invoke(&app, &t, "st", "/price", json!({"id": "x"})).await;
+    assert_eq!(a.status, 503, "{}", a.body);
+    assert!(a.body["detail"].as_str().unwrap().contains("disabled"));
+}
