@@ -7,15 +7,21 @@
 //!   sample is not timed.
 //! - `stats_enqueue/8_threads`: 8 threads record at once; the figure is wall time per event for
 //!   all 8 together (2 cores, so threads also wait for a CPU).
+//! - `stats_enqueue/1_thread_writer_idle`: like `1_thread`, but the writer is held back (long
+//!   linger) until the untimed flush, so the figure is the caller's own cost without a busy
+//!   writer competing for the 2 cores.
 //! - `stats_sustained/sqlite_file`: events recorded and committed to a SQLite file per second
 //!   (record + flush timed), i.e. the writer's sustained throughput.
+//! - `manager_call/{stats_off,stats_on}`: one `ApiKeyManager::call` over 10 keys without and
+//!   with a collector (writer held back as above); the difference is what statistics cost the
+//!   caller.
 
 use std::hint::black_box;
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant, SystemTime};
 
 use apipool::stats::{StatsCollector, StatsConfig};
-use apipool::{CallEvent, CallStatus};
+use apipool::{ApiKey, ApiKeyManager, CallEvent, CallStatus};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 
 fn event(key: &Arc<str>, method: &Arc<str>, i: u64) -> CallEvent {
@@ -49,6 +55,16 @@ fn config() -> StatsConfig {
         .max_backlog(8 << 20)
 }
 
+/// The writer sleeps until the flush at the end of a sample (it wakes only for flushes and
+/// full batches): the timed loop measures the caller alone.
+fn writer_held_back() -> StatsConfig {
+    StatsConfig::default()
+        .queue_capacity(1 << 23)
+        .max_backlog(1 << 23)
+        .batch_size(1 << 23)
+        .linger(Duration::from_secs(600))
+}
+
 fn enqueue(c: &mut Criterion) {
     let (keys, method) = keys();
     let stats = StatsCollector::open_with("sqlite::memory:", config()).expect("open");
@@ -68,6 +84,22 @@ fn enqueue(c: &mut Criterion) {
             }
             let elapsed = start.elapsed();
             stats.flush().expect("flush");
+            elapsed
+        });
+    });
+
+    let idle = StatsCollector::open_with("sqlite::memory:", writer_held_back()).expect("open");
+    g.bench_function("1_thread_writer_idle", |b| {
+        b.iter_custom(|iters| {
+            let events: Vec<CallEvent> = (0..iters)
+                .map(|i| event(&keys[i as usize % keys.len()], &method, i))
+                .collect();
+            let start = Instant::now();
+            for e in events {
+                idle.record(black_box(e));
+            }
+            let elapsed = start.elapsed();
+            idle.flush().expect("flush");
             elapsed
         });
     });
@@ -124,5 +156,51 @@ fn sustained(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, enqueue, sustained);
+struct BenchKey(String);
+
+impl ApiKey for BenchKey {
+    type Client = ();
+    fn primary_key(&self) -> &str {
+        &self.0
+    }
+    fn create_client(&self) {}
+}
+
+fn manager_call(c: &mut Criterion) {
+    let keys = || (0..10).map(|i| BenchKey(format!("secret-{i}")));
+    let plain = ApiKeyManager::builder().keys(keys()).build().expect("pool");
+    let stats = StatsCollector::open_with("sqlite::memory:", writer_held_back()).expect("open");
+    let with_stats = ApiKeyManager::builder()
+        .keys(keys())
+        .stats(stats.clone())
+        .build()
+        .expect("pool");
+    let mut g = c.benchmark_group("manager_call");
+    g.sample_size(20);
+    g.measurement_time(Duration::from_secs(10));
+    g.bench_function("stats_off", |b| {
+        b.iter(|| {
+            plain
+                .call(|()| Ok::<_, std::io::Error>(black_box(1)))
+                .unwrap()
+        });
+    });
+    g.bench_function("stats_on", |b| {
+        b.iter_custom(|iters| {
+            let start = Instant::now();
+            for _ in 0..iters {
+                with_stats
+                    .call(|()| Ok::<_, std::io::Error>(black_box(1)))
+                    .unwrap();
+            }
+            let elapsed = start.elapsed();
+            // Writing the events is the writer's work, not the caller's: not timed.
+            stats.flush().expect("flush");
+            elapsed
+        });
+    });
+    g.finish();
+}
+
+criterion_group!(benches, enqueue, sustained, manager_call);
 criterion_main!(benches);
