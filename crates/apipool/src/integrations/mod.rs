@@ -29,6 +29,15 @@ pub mod tower;
 ///
 /// Implemented for `reqwest::Request` and, with feature `tower`, for `http::Request<B>` whose
 /// body implements [`tower::CloneBody`].
+///
+/// ```
+/// use apipool::ApiKey;
+/// use apipool::integrations::PooledRequest;
+/// let mut req = reqwest::Request::new(reqwest::Method::GET, "http://127.0.0.1:9000/price?id=btc".parse().unwrap());
+/// req.inject(&apipool::http::HttpKey::bearer("k1").create_client()).unwrap();
+/// assert_eq!(req.headers()["authorization"], "Bearer k1");
+/// assert_eq!(req.label(), "GET /price");
+/// ```
 pub trait PooledRequest: Sized + Send + 'static {
     /// Adds the key's credentials (header or query parameter).
     fn inject(&mut self, key: &KeyAuth) -> Result<(), InjectError>;
@@ -39,6 +48,12 @@ pub trait PooledRequest: Sized + Send + 'static {
 }
 
 /// A response the integrations can classify.
+///
+/// ```
+/// use apipool::integrations::PooledResponse;
+/// let resp = http::Response::builder().status(429).body(()).unwrap();
+/// assert_eq!(resp.status_code(), 429);
+/// ```
 pub trait PooledResponse {
     /// The HTTP status code.
     fn status_code(&self) -> u16;
@@ -46,7 +61,15 @@ pub trait PooledResponse {
     fn header_map(&self) -> &HeaderMap;
 }
 
-/// The key could not be put into the request.
+/// The key could not be put into the request (e.g. a key that is not a valid header value).
+///
+/// ```
+/// use apipool::ApiKey;
+/// use apipool::integrations::PooledRequest;
+/// let mut req = reqwest::Request::new(reqwest::Method::GET, "http://127.0.0.1:9000/".parse().unwrap());
+/// let bad = apipool::http::HttpKey::bearer("line\nbreak").create_client();
+/// assert!(req.inject(&bad).is_err());
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("cannot put the key into the request: {0}")]
 pub struct InjectError(String);
@@ -129,6 +152,12 @@ enum Attempt<E> {
 }
 
 /// How a pooled send ended when it did not return a response.
+///
+/// ```
+/// use apipool::integrations::PooledError;
+/// let e: PooledError<std::io::Error> = apipool::Error::NoUsableKeys.into();
+/// assert!(e.to_string().contains("no usable key"));
+/// ```
 #[derive(Debug, thiserror::Error)]
 pub enum PooledError<E> {
     /// The pool had no key to give (all cooling past the wait budget, or none usable).

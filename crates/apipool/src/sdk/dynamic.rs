@@ -30,6 +30,11 @@ use tokio_util::sync::CancellationToken;
 
 /// What changes a fetched key list asks for: keys to add, primary keys to remove, primary keys
 /// that stay.
+///
+/// ```
+/// let d: apipool::sdk::KeyDiff<&str> = apipool::sdk::diff_keys(["a"], vec!["a", "b"], |k: &&str| *k);
+/// assert_eq!((d.add.len(), d.remove.len(), d.keep.len()), (1, 0, 1));
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyDiff<T> {
     /// Fetched keys not in the pool (first occurrence of each primary key, in fetch order).
@@ -56,22 +61,28 @@ pub fn diff_keys<'a, T>(
     primary_key: impl Fn(&T) -> &str,
 ) -> KeyDiff<T> {
     let current: Vec<&str> = current.into_iter().collect();
+    let fetched: Vec<T> = fetched.into_iter().collect();
     let current_set: HashSet<&str> = current.iter().copied().collect();
-    let mut seen: HashSet<String> = HashSet::new();
-    let mut add = Vec::new();
-    for k in fetched {
-        let pk = primary_key(&k);
-        if !seen.insert(pk.to_owned()) {
-            continue;
-        }
-        if !current_set.contains(pk) {
-            add.push(k);
+    let mut seen: HashSet<&str> = HashSet::with_capacity(fetched.len());
+    let mut take = vec![false; fetched.len()];
+    for (i, k) in fetched.iter().enumerate() {
+        let pk = primary_key(k);
+        if seen.insert(pk) && !current_set.contains(pk) {
+            take[i] = true;
         }
     }
-    let (keep, remove) = current
+    let (keep, remove): (Vec<&str>, Vec<&str>) =
+        current.into_iter().partition(|pk| seen.contains(pk));
+    let (keep, remove) = (
+        keep.into_iter().map(str::to_owned).collect(),
+        remove.into_iter().map(str::to_owned).collect(),
+    );
+    drop(seen);
+    let add = fetched
         .into_iter()
-        .map(str::to_owned)
-        .partition(|pk| seen.contains(pk));
+        .zip(take)
+        .filter_map(|(k, t)| t.then_some(k))
+        .collect();
     KeyDiff { add, remove, keep }
 }
 
@@ -101,6 +112,26 @@ impl KeyChange {
 }
 
 /// Why a refresh left the pool as it was.
+///
+/// ```
+/// # #[tokio::main] async fn main() {
+/// use apipool::sdk::{AsyncDynamicKeyManager, Kept, RemoteKey};
+/// use std::sync::atomic::{AtomicBool, Ordering};
+/// use std::sync::Arc;
+/// let empty = Arc::new(AtomicBool::new(false));
+/// let e = empty.clone();
+/// let mgr = AsyncDynamicKeyManager::builder(move || {
+///     let list = if e.load(Ordering::SeqCst) { vec![] } else { vec![RemoteKey::new("a", "k1")] };
+///     async move { Ok(list) }
+/// })
+/// .astart()
+/// .await
+/// .unwrap();
+/// empty.store(true, Ordering::SeqCst);
+/// assert_eq!(mgr.refresh().await.kept, Some(Kept::EmptyList));
+/// assert_eq!(mgr.pool_size(), 1);
+/// # }
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Kept {
     /// Fetching the keys failed (server down, 5xx, auth, ...).
@@ -111,6 +142,16 @@ pub enum Kept {
 }
 
 /// What one refresh did.
+///
+/// ```
+/// # #[tokio::main] async fn main() {
+/// use apipool::sdk::{AsyncDynamicKeyManager, RemoteKey};
+/// let mgr = AsyncDynamicKeyManager::builder(|| async { Ok(vec![RemoteKey::new("a", "k1")]) })
+///     .astart().await.unwrap();
+/// let r = mgr.refresh().await;
+/// assert_eq!((r.pool_size, r.added.len(), r.removed.len()), (1, 0, 0));
+/// # }
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RefreshReport {
     /// Keys added.

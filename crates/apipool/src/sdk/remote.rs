@@ -41,6 +41,13 @@ impl fmt::Debug for RemoteProxy {
 }
 
 /// What `GET /proxy/{pool}/status` says.
+///
+/// ```no_run
+/// # fn run(p: apipool::sdk::RemoteProxy) -> Result<(), apipool::sdk::SdkError> {
+/// let st: apipool::sdk::ProxyStatus = p.status()?;
+/// if !st.success { eprintln!("no usable key: {} archived of {}", st.archived_keys, st.total_keys); }
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
 pub struct ProxyStatus {
     /// True when a key is available now.
@@ -350,6 +357,13 @@ impl ProxyRequest {
 
 /// The one "key" of a [`RemotePool`]: the server does the pooling, so locally there is a single
 /// slot whose client is the [`RemoteProxy`]. It is never banned or archived.
+///
+/// ```
+/// # let s = apipool::sdk::Session::from_tokens("http://127.0.0.1:8000", "a", "r", None, Default::default()).unwrap();
+/// let remote = apipool::sdk::connect(&s, "prices").unwrap();
+/// let slots = remote.keys();
+/// assert_eq!(slots[0].identifier(), "remote:prices");
+/// ```
 #[derive(Debug, Clone)]
 pub struct RemoteSlot {
     proxy: RemoteProxy,

@@ -119,6 +119,13 @@ impl UploadOptions {
 }
 
 /// Counters of a [`StatsUploader`].
+///
+/// ```no_run
+/// # fn f(up: apipool::sdk::StatsUploader) {
+/// let s: apipool::sdk::UploadStats = up.stats();
+/// println!("{} uploaded, {} waiting, {} dropped", s.uploaded, s.queued, s.dropped);
+/// # }
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct UploadStats {
     /// Events the server acknowledged.
