@@ -521,3 +521,68 @@ fn sync_dynamic_manager_from_plain_threads() {
     assert!(auth_ok);
     mgr.shutdown();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_invokes_through_the_real_proxy_and_uploads_stats() {
+    let up = mock_upstream::spawn(
+        mock_upstream::Config::with_keys(["raw-key-number-1", "raw-key-number-2"]).expect("cfg"),
+    )
+    .await
+    .expect("mock");
+    let (server, admin) = seeded(900).await;
+    create_pool(
+        &admin,
+        "proxied",
+        &["k1", "k2"],
+        json!({"upstream": {"base_url": up.url()}}),
+    )
+    .await;
+    let remote = sdk::async_connect(&admin, "proxied")
+        .await
+        .expect("connect");
+    let data = remote
+        .ainvoke(
+            &["get"],
+            json!(["/price"]),
+            json!({"params": {"id": "bitcoin"}}),
+        )
+        .await
+        .expect("invoke");
+    assert_eq!(data["status_code"], 200, "{data}");
+    assert_eq!(data["data"]["id"], "bitcoin");
+    // A refused call leaves the handle usable.
+    let bad = remote.ainvoke(&["nope"], json!([]), json!({})).await;
+    assert!(bad.is_err());
+    let again = remote
+        .client()
+        .acall("get", json!(["/price"]), json!({"params": {"id": "eth"}}))
+        .await
+        .expect("still usable");
+    assert_eq!(again["data"]["id"], "eth");
+    let resp = remote
+        .client()
+        .http(Method::GET, "/price")
+        .query(&[("id", "sol")])
+        .send()
+        .await
+        .expect("http route");
+    assert_eq!(resp.status(), 200);
+
+    // Local events uploaded to the server, stored once each.
+    let uploader = sdk::StatsUploader::start(&admin, "prices", sdk::UploadOptions::new());
+    let pool = apipool::ApiKeyManager::builder()
+        .keys([apipool::http::HttpKey::bearer("raw-key-number-1").with_identifier("k1")])
+        .stats(uploader.clone())
+        .build()
+        .expect("pool");
+    for _ in 0..5 {
+        pool.acall(|_| async { Ok::<_, std::io::Error>(()) })
+            .await
+            .expect("call");
+    }
+    uploader.aflush().await.expect("upload");
+    assert_eq!(uploader.stats().uploaded, 5);
+    uploader.ashutdown().await;
+    drop(server);
+    up.shutdown().await.expect("shutdown");
+}
