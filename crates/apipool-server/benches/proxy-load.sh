@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# Proxy under load (loopback): wrk against mock-upstream directly and through apipool's
+# transparent route, at several connection counts, then the server's RSS with 1,000 open
+# connections. Release binaries; everything on 127.0.0.1.
+#
+# Run with: crates/apipool-server/benches/proxy-load.sh [seconds per run, default 10]
+# Needs: wrk (apt-get install -y wrk), curl, jq.
+#
+# Prints one line per run: target, connections, requests/s, p50, p99 (wrk's latency
+# distribution), then "added" = proxy − direct at the same connection count, the throughput
+# ratio, and VmRSS / VmHWM of the server while 1,000 connections are open.
+set -euo pipefail
+ulimit -n 65536 2>/dev/null || ulimit -n 8192 2>/dev/null || true
+
+DUR=${1:-10}
+ROOT=$(cd "$(dirname "$0")/../../.." && pwd)
+cd "$ROOT"
+cargo build --release --workspace --bins >&2
+BIN="$ROOT/target/release"
+TMP=$(mktemp -d)
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$TMP"
+}
+trap cleanup EXIT
+
+KEYS=$(seq -s, -f 'load-key-%02g' 0 9)
+"$BIN/mock-upstream" --keys "$KEYS" >"$TMP/mock.out" 2>"$TMP/mock.err" &
+PIDS+=($!)
+for _ in $(seq 100); do grep -q listening "$TMP/mock.out" 2>/dev/null && break; sleep 0.05; done
+MOCK=$(sed -n 's/^listening on //p' "$TMP/mock.out")
+
+PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+SERVER="http://127.0.0.1:$PORT"
+RUST_LOG=warn APIPOOL_ADMIN_PASSWORD=load-admin-password \
+  "$BIN/apipool" serve --bind "127.0.0.1:$PORT" --data-dir "$TMP/data" >"$TMP/server.out" 2>&1 &
+SPID=$!
+PIDS+=($SPID)
+for _ in $(seq 200); do curl -fs "$SERVER/health" >/dev/null && break; sleep 0.05; done
+
+TOKEN=$(curl -fs "$SERVER/api/v1/auth/login" -H 'content-type: application/json' \
+  -d '{"username":"admin","password":"load-admin-password"}' | jq -r .access_token)
+api() { curl -fs -o /dev/null "$SERVER/api/v1$1" -H "authorization: Bearer $TOKEN" -H 'content-type: application/json' -d "$2"; }
+IDS=()
+for i in $(seq 0 9); do
+  k=$(printf 'load-key-%02d' "$i")
+  api /keys "{\"identifier\":\"k$i\",\"raw_key\":\"$k\"}"
+  IDS+=("\"k$i\"")
+done
+MEMBERS=$(IFS=,; echo "${IDS[*]}")
+api /pools "{\"identifier\":\"load\",\"name\":\"load\",\"rotation_strategy\":\"round_robin\",\"key_identifiers\":[$MEMBERS],\"upstream\":{\"base_url\":\"$MOCK\",\"auth\":\"bearer\"}}"
+
+DIRECT_URL="$MOCK/price?id=bitcoin"
+PROXY_URL="$SERVER/api/v1/proxy/load/http/price?id=bitcoin"
+# Warm the pool's engine and the connection pools.
+curl -fs -o /dev/null -H "authorization: Bearer $TOKEN" "$PROXY_URL"
+
+# wrk's latency distribution → milliseconds.
+to_ms() {
+  awk -v v="$1" 'BEGIN {
+    n = v + 0; u = v; sub(/^[0-9.]+/, "", u);
+    if (u == "us") n /= 1000; else if (u == "s") n *= 1000; else if (u == "m") n *= 60000;
+    printf "%.3f", n }'
+}
+run() { # name connections url auth-header
+  local out
+  out=$(wrk -t1 -c"$2" -d"${DUR}s" --latency -H "$4" "$3")
+  local rps p50 p99
+  rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
+  p50=$(to_ms "$(awk '$1 == "50%" {print $2}' <<<"$out")")
+  p99=$(to_ms "$(awk '$1 == "99%" {print $2}' <<<"$out")")
+  local errs
+  errs=$(awk '/Non-2xx|Socket errors/ {print}' <<<"$out" | tr '\n' ' ')
+  echo "$1 c=$2 rps=$rps p50_ms=$p50 p99_ms=$p99 ${errs}"
+}
+
+echo "# $(date -u +%FT%TZ) $(nproc) cores, ${DUR}s per run, wrk -t1"
+for c in 1 8 32 64; do
+  d=$(run direct "$c" "$DIRECT_URL" "authorization: Bearer load-key-00")
+  p=$(run proxy "$c" "$PROXY_URL" "authorization: Bearer $TOKEN")
+  echo "$d"
+  echo "$p"
+  awk -v d="$d" -v p="$p" 'BEGIN {
+    split(d, a, /[ =]/); split(p, b, /[ =]/);
+    # fields: name c N rps R p50_ms X p99_ms Y
+    printf "added c=%s p50_ms=%.3f p99_ms=%.3f throughput_ratio=%.3f\n", a[3], b[7]-a[7], b[9]-a[9], b[5]/a[5] }'
+done
+
+# RSS with 1,000 concurrent connections (two wrk threads, 500 each).
+wrk -t2 -c1000 -d"$((DUR + 5))s" -H "authorization: Bearer $TOKEN" "$PROXY_URL" >"$TMP/wrk1000.out" &
+WPID=$!
+sleep "$((DUR / 2 + 3))"
+RSS=$(awk '/VmRSS/ {print $2}' "/proc/$SPID/status")
+wait "$WPID"
+HWM=$(awk '/VmHWM/ {print $2}' "/proc/$SPID/status")
+echo "c=1000 $(awk '/Requests\/sec/ {print "rps=" $2}' "$TMP/wrk1000.out") server_VmRSS_MiB=$((RSS / 1024)) server_VmHWM_MiB=$((HWM / 1024)) $(awk '/Non-2xx|Socket errors/ {print}' "$TMP/wrk1000.out" | tr '\n' ' ')"
