@@ -316,6 +316,11 @@ impl KeyAuth {
         }
     }
 
+    /// Where the key goes in each request.
+    pub fn placement(&self) -> &AuthPlacement {
+        &self.auth
+    }
+
     /// The raw key, for clients that need it directly.
     pub fn secret(&self) -> &SecretString {
         &self.secret

@@ -140,7 +140,7 @@ pub(crate) struct Inner<K: ApiKey> {
 /// }
 /// let pool = ApiKeyManager::builder().keys([Key("a"), Key("b")]).build().unwrap();
 /// let answer: Result<usize, apipool::CallError<String>> = pool.call(|client| Ok(client.len()));
-/// assert_eq!(answer.unwrap(), 14);
+/// assert_eq!(answer.unwrap(), "client for a".len());
 /// ```
 pub struct ApiKeyManager<K: ApiKey> {
     inner: Arc<Inner<K>>,
@@ -858,6 +858,7 @@ pub struct ApiKeyManagerBuilder<K: ApiKey> {
     clock: Arc<dyn Clock>,
     seed: Option<u64>,
     name: Option<Arc<str>>,
+    allow_empty: bool,
 }
 
 impl<K: ApiKey> Default for ApiKeyManagerBuilder<K> {
@@ -878,6 +879,7 @@ impl<K: ApiKey> Default for ApiKeyManagerBuilder<K> {
             clock: Arc::new(SystemClock),
             seed: None,
             name: None,
+            allow_empty: false,
         }
     }
 }
@@ -1024,9 +1026,16 @@ impl<K: ApiKey> ApiKeyManagerBuilder<K> {
         self
     }
 
+    /// Allows building a pool with no keys yet (keys come later with `add_one`, e.g. from a
+    /// server). Calls on an empty pool fail with [`Error::NoUsableKeys`].
+    pub fn allow_empty(mut self, allow: bool) -> Self {
+        self.allow_empty = allow;
+        self
+    }
+
     /// Validates every option and builds the pool.
     pub fn build(self) -> Result<ApiKeyManager<K>, Error> {
-        if self.keys.is_empty() {
+        if self.keys.is_empty() && !self.allow_empty {
             return Err(Error::EmptyPool);
         }
         let strategy = self.strategy?;

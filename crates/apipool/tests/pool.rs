@@ -57,6 +57,14 @@ fn bad_input_gives_typed_errors() {
         ApiKeyManager::<Key>::builder().build().unwrap_err(),
         Error::EmptyPool
     );
+    let empty = ApiKeyManager::<Key>::builder()
+        .allow_empty(true)
+        .build()
+        .unwrap();
+    assert_eq!(empty.pool_size(), 0);
+    assert_eq!(empty.try_acquire().unwrap_err(), Error::NoUsableKeys);
+    empty.add_one(Key::new("late")).unwrap();
+    empty.try_acquire().unwrap().report(Outcome::Success);
     let err = ApiKeyManager::builder()
         .keys(keys(&["a", "b", "a"]))
         .build()
@@ -244,8 +252,7 @@ fn waiting_for_a_release_is_bounded_by_max_wait() {
         "{waited:?}"
     );
     // A release wakes a waiter before its deadline.
-    let pool2 = pool.clone();
-    let waiter = std::thread::spawn(move || pool2.acquire().map(|l| l.identifier().to_owned()));
+    let waiter = std::thread::spawn(move || pool.acquire().map(|l| l.identifier().to_owned()));
     std::thread::sleep(Duration::from_millis(20));
     drop(held);
     assert!(waiter.join().unwrap().is_ok());
