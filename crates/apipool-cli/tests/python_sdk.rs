@@ -46,7 +46,13 @@ fn has_sdk(py: &Python) -> bool {
 
 fn pip_install(python: &Path, extra: &[&str]) -> Output {
     run(Command::new(python)
-        .args(["-m", "pip", "install", "--disable-pip-version-check", "--quiet"])
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--disable-pip-version-check",
+            "--quiet",
+        ])
         .args(extra)
         .arg(PACKAGE))
 }
@@ -74,7 +80,10 @@ fn python_with_sdk() -> Python {
             venv.display(),
             String::from_utf8_lossy(&out.stderr)
         );
-        assert!(has_sdk(&venv_py), "{PACKAGE} is not importable after install");
+        assert!(
+            has_sdk(&venv_py),
+            "{PACKAGE} is not importable after install"
+        );
         return venv_py;
     }
     // No `venv` module (e.g. Debian without python3-venv): install into a directory instead.
@@ -94,7 +103,10 @@ fn python_with_sdk() -> Python {
         String::from_utf8_lossy(&made.stderr).trim(),
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(has_sdk(&fallback), "{PACKAGE} is not importable after install");
+    assert!(
+        has_sdk(&fallback),
+        "{PACKAGE} is not importable after install"
+    );
     fallback
 }
 
@@ -153,7 +165,10 @@ async fn start_server() -> Server {
         {
             return server;
         }
-        assert!(Instant::now() < deadline, "apipool serve did not become healthy");
+        assert!(
+            Instant::now() < deadline,
+            "apipool serve did not become healthy"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -167,7 +182,11 @@ async fn api(client: &reqwest::Client, token: &str, method: &str, url: String, b
         .await
         .expect("request");
     let status = r.status();
-    assert!(status.is_success(), "{method} {url}: {status} {}", r.text().await.unwrap_or_default());
+    assert!(
+        status.is_success(),
+        "{method} {url}: {status} {}",
+        r.text().await.unwrap_or_default()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -175,7 +194,12 @@ async fn apipool_ng_1_0_9_sdk_works_unchanged() {
     let python = tokio::task::spawn_blocking(python_with_sdk)
         .await
         .expect("python set-up");
-    let raw = ["compat-key-one", "compat-key-two", "compat-spare-1", "compat-spare-2"];
+    let raw = [
+        "compat-key-one",
+        "compat-key-two",
+        "compat-spare-1",
+        "compat-spare-2",
+    ];
     let up = mock_upstream::spawn(mock_upstream::Config::with_keys(raw).expect("keys"))
         .await
         .expect("mock upstream");
@@ -192,9 +216,15 @@ async fn apipool_ng_1_0_9_sdk_works_unchanged() {
         .await
         .expect("json");
     let token = login["access_token"].as_str().expect("token").to_owned();
-    api(&client, &token, "POST", api_url("/auth/register"), json!({
-        "username": "pyuser", "email": "py@example.com", "password": "py-password-1"
-    }))
+    api(
+        &client,
+        &token,
+        "POST",
+        api_url("/auth/register"),
+        json!({
+            "username": "pyuser", "email": "py@example.com", "password": "py-password-1"
+        }),
+    )
     .await;
     let user: Value = client
         .post(api_url("/auth/login"))
@@ -207,15 +237,28 @@ async fn apipool_ng_1_0_9_sdk_works_unchanged() {
         .expect("json");
     let user_token = user["access_token"].as_str().expect("token").to_owned();
     for (id, key) in [("one", raw[0]), ("two", raw[1])] {
-        api(&client, &user_token, "POST", api_url("/keys"), json!({"identifier": id, "raw_key": key})).await;
+        api(
+            &client,
+            &user_token,
+            "POST",
+            api_url("/keys"),
+            json!({"identifier": id, "raw_key": key}),
+        )
+        .await;
     }
-    api(&client, &user_token, "POST", api_url("/pools"), json!({
-        "identifier": "compat", "name": "Compatibility", "key_identifiers": ["one", "two"],
-        "rotation_strategy": "round_robin", "reach_limit_exception": "httpx.HTTPStatusError",
-        "upstream": {"base_url": up.url(), "auth": "bearer"},
-        "pool_config": {"rate_limit": 100, "rate_limit_interval": 1, "retry_on_failure": true,
-                        "max_retries": 2, "custom": {"team": "compat"}},
-    }))
+    api(
+        &client,
+        &user_token,
+        "POST",
+        api_url("/pools"),
+        json!({
+            "identifier": "compat", "name": "Compatibility", "key_identifiers": ["one", "two"],
+            "rotation_strategy": "round_robin", "reach_limit_exception": "httpx.HTTPStatusError",
+            "upstream": {"base_url": up.url(), "auth": "bearer"},
+            "pool_config": {"rate_limit": 100, "rate_limit_interval": 1, "retry_on_failure": true,
+                            "max_retries": 2, "custom": {"team": "compat"}},
+        }),
+    )
     .await;
 
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/compat/sdk_check.py");
@@ -229,8 +272,14 @@ async fn apipool_ng_1_0_9_sdk_works_unchanged() {
         .env("APIPOOL_PASSWORD", "py-password-1")
         .env("POOL", "compat")
         .env("UPSTREAM", up.url())
-        .env("PRICE_BITCOIN", mock_upstream::price_for("bitcoin").to_string())
-        .env("PRICE_ETHEREUM", mock_upstream::price_for("ethereum").to_string())
+        .env(
+            "PRICE_BITCOIN",
+            mock_upstream::price_for("bitcoin").to_string(),
+        )
+        .env(
+            "PRICE_ETHEREUM",
+            mock_upstream::price_for("ethereum").to_string(),
+        )
         .env("SPARE_KEY", raw[2])
         .env("SPARE_KEY_2", raw[3])
         .env("PYTHONDONTWRITEBYTECODE", "1");
@@ -278,6 +327,9 @@ async fn apipool_ng_1_0_9_sdk_works_unchanged() {
         .await
         .expect("json");
     assert!(usage["total"].as_u64().unwrap_or(0) >= 15, "{usage}");
-    assert!(!usage.to_string().contains("compat-key"), "no raw key in stats: {usage}");
+    assert!(
+        !usage.to_string().contains("compat-key"),
+        "no raw key in stats: {usage}"
+    );
     up.shutdown().await.expect("mock shutdown");
 }

@@ -74,9 +74,11 @@ async fn setup(keys: usize, mock: mock_upstream::Config, pool_config: Value) -> 
     let r = client
         .post(format!("{base}/api/v1/pools"))
         .bearer_auth(&token)
-        .json(&json!({"identifier": "bench", "name": "bench", "key_identifiers": idents,
+        .json(
+            &json!({"identifier": "bench", "name": "bench", "key_identifiers": idents,
                       "rotation_strategy": "round_robin", "pool_config": pool_config,
-                      "upstream": {"base_url": mock.url(), "auth": "bearer"}}))
+                      "upstream": {"base_url": mock.url(), "auth": "bearer"}}),
+        )
         .send()
         .await
         .expect("pool");
@@ -111,7 +113,8 @@ fn latency(c: &mut Criterion) {
     let direct = format!("{}/price?id=bitcoin", s.mock_url);
     let via_http = format!("{}/api/v1/proxy/bench/http/price?id=bitcoin", s.base);
     let invoke = format!("{}/api/v1/proxy/bench/invoke", s.base);
-    let body = json!({"attr_path": ["get"], "args": ["/price"], "kwargs": {"params": {"id": "bitcoin"}}});
+    let body =
+        json!({"attr_path": ["get"], "args": ["/price"], "kwargs": {"params": {"id": "bitcoin"}}});
     let mut g = c.benchmark_group("proxy");
     g.sample_size(200);
     g.bench_function("direct GET /price (mock alone)", |b| {
@@ -165,12 +168,18 @@ async fn quota() {
     let started = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..CLIENTS {
-        let (client, url, token, next) = (s.client.clone(), url.clone(), s.token.clone(), next.clone());
+        let (client, url, token, next) =
+            (s.client.clone(), url.clone(), s.token.clone(), next.clone());
         tasks.push(tokio::spawn(async move {
             let mut ok = 0usize;
             let mut other = 0usize;
             while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < N {
-                let r = client.get(&url).bearer_auth(&token).send().await.expect("get");
+                let r = client
+                    .get(&url)
+                    .bearer_auth(&token)
+                    .send()
+                    .await
+                    .expect("get");
                 if r.status() == 200 {
                     ok += 1;
                 } else {

@@ -211,9 +211,11 @@ struct KeyEntry {
 #[derive(Default)]
 struct SyncState {
     keys: HashMap<String, KeyEntry>,
-    config_text: Option<Option<String>>,
+    /// Whether the pool's settings were applied once (the texts below are then meaningful).
+    applied: bool,
+    config_text: Option<String>,
     strategy: Option<String>,
-    upstream_text: Option<Option<String>>,
+    upstream_text: Option<String>,
     concurrency: Option<u32>,
 }
 
@@ -641,10 +643,11 @@ impl Engines {
     async fn decrypt(&self, items: Vec<(String, String, Sealed)>) -> HashMap<String, SecretString> {
         let mut masters = HashMap::new();
         for (_, _, s) in &items {
-            if !masters.contains_key(&s.master_version) {
+            if let std::collections::hash_map::Entry::Vacant(slot) = masters.entry(s.master_version)
+            {
                 match self.vault.master_key(s.master_version).await {
                     Ok(k) => {
-                        masters.insert(s.master_version, k);
+                        slot.insert(k);
                     }
                     Err(e) => tracing::error!(error = %e, "cannot load a master key"),
                 }
@@ -812,7 +815,7 @@ impl Engines {
             }
             st.strategy = Some(strategy);
         }
-        if st.config_text.as_ref() != Some(&config_text) {
+        if !st.applied || st.config_text != config_text {
             let parsed = config_text
                 .as_deref()
                 .map_or(Ok(PoolConfig::default()), |t| {
@@ -840,9 +843,9 @@ impl Engines {
                     .then(|| Arc::new(Semaphore::new(cfg.concurrency as usize)));
                 st.concurrency = Some(cfg.concurrency);
             }
-            st.config_text = Some(config_text);
+            st.config_text = config_text;
         }
-        if st.upstream_text.as_ref() != Some(&upstream_text) {
+        if !st.applied || st.upstream_text != upstream_text {
             view.upstream = upstream_text
                 .as_deref()
                 .and_then(|t| serde_json::from_str::<serde_json::Value>(t).ok())
@@ -853,8 +856,9 @@ impl Engines {
                         None
                     }
                 });
-            st.upstream_text = Some(upstream_text);
+            st.upstream_text = upstream_text;
         }
+        st.applied = true;
         let renamed = view.identifier != old.identifier;
         pool.view.store(Arc::new(view));
         pool.stale.store(false, Ordering::Release);

@@ -97,8 +97,8 @@ impl FromRequestParts<AppState> for ProxyCaller {
 
 /// `{pool}` of the proxy routes.
 #[derive(Debug, Deserialize)]
-struct PoolParam {
-    pool: String,
+pub(crate) struct PoolParam {
+    pub(crate) pool: String,
 }
 
 /// Why a proxied call did not produce an upstream answer.
@@ -548,7 +548,7 @@ fn rfc3339(t: SystemTime) -> Option<String> {
 #[utoipa::path(get, path = "/proxy/{pool}/status", tag = "proxy", security(("bearer" = [])),
     params(("pool" = String, Path, description = "Pool identifier")),
     responses((status = 200, body = ProxyStatus), (status = 404, body = ErrorBody)))]
-async fn proxy_status(
+pub(crate) async fn proxy_status(
     State(state): State<AppState>,
     caller: ProxyCaller,
     AppPath(p): AppPath<PoolParam>,

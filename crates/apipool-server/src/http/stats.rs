@@ -185,7 +185,7 @@ pub struct UsageOut {
 #[utoipa::path(get, path = "/stats/{pool}/usage", tag = "stats", security(("bearer" = [])),
     params(("pool" = String, Path, description = "Pool identifier"), UsageQuery),
     responses((status = 200, body = UsageOut), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
-async fn usage(
+pub(crate) async fn usage(
     State(state): State<AppState>,
     user: AuthUser,
     AppPath(pool): AppPath<String>,
@@ -288,7 +288,7 @@ pub struct TimelineOut {
 #[utoipa::path(get, path = "/stats/{pool}/timeline", tag = "stats", security(("bearer" = [])),
     params(("pool" = String, Path, description = "Pool identifier"), TimelineQuery),
     responses((status = 200, body = TimelineOut), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
-async fn timeline(
+pub(crate) async fn timeline(
     State(state): State<AppState>,
     user: AuthUser,
     AppPath(pool): AppPath<String>,
@@ -362,7 +362,7 @@ pub struct SuccessRateOut {
 #[utoipa::path(get, path = "/stats/{pool}/success-rate", tag = "stats", security(("bearer" = [])),
     params(("pool" = String, Path, description = "Pool identifier"), WindowQuery),
     responses((status = 200, body = SuccessRateOut), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
-async fn success_rate(
+pub(crate) async fn success_rate(
     State(state): State<AppState>,
     user: AuthUser,
     AppPath(pool): AppPath<String>,
@@ -462,7 +462,7 @@ fn parse_status(s: &str) -> ApiResult<CallStatus> {
 #[utoipa::path(get, path = "/stats/{pool}/logs", tag = "stats", security(("bearer" = [])),
     params(("pool" = String, Path, description = "Pool identifier"), LogsQuery),
     responses((status = 200, body = LogsOut), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
-async fn logs(
+pub(crate) async fn logs(
     State(state): State<AppState>,
     user: AuthUser,
     AppPath(pool): AppPath<String>,

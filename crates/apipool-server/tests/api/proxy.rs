@@ -112,7 +112,10 @@ async fn invoke_prefers_the_keys_base_url_and_needs_one(backend: Backend) {
     .await;
     assert_eq!(a.status, 200, "{}", a.body);
     assert_eq!(a.body["data"]["data"]["headers"]["x-org"], "acme");
-    assert_eq!(a.body["data"]["data"]["headers"]["authorization"], "Bearer ka");
+    assert_eq!(
+        a.body["data"]["data"]["headers"]["authorization"],
+        "Bearer ka"
+    );
 
     // The key's base_url wins over the pool's upstream.
     make_pool(
@@ -155,9 +158,20 @@ async fn invoke_wraps_non_json_and_error_statuses(backend: Backend) {
     assert_eq!(a.body["data"]["status_code"], 404);
     // Unknown method: 400, nothing sent.
     let before = up.stats().total_requests;
-    let a = invoke(&app, &t, "p", json!({"attr_path": ["stream"], "args": ["/price"]})).await;
+    let a = invoke(
+        &app,
+        &t,
+        "p",
+        json!({"attr_path": ["stream"], "args": ["/price"]}),
+    )
+    .await;
     assert_eq!(a.status, 400, "{}", a.body);
-    assert!(a.body["detail"].as_str().unwrap().contains("unsupported method"));
+    assert!(
+        a.body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("unsupported method")
+    );
     assert_eq!(up.stats().total_requests, before);
     // Unknown pool: 404.
     let a = get_via_invoke(&app, &t, "nope", "/price", json!({})).await;
@@ -169,7 +183,14 @@ async fn http_route_forwards_and_injects_the_key(backend: Backend) {
     let t = app.admin_token.clone();
     let up = mock(&["sk-http-key"]).await;
     add_key(&app, &t, "h", "sk-http-key", None).await;
-    make_pool(&app, &t, "web", &["h"], upstream(&format!("{}/echo", up.url()), "bearer")).await;
+    make_pool(
+        &app,
+        &t,
+        "web",
+        &["h"],
+        upstream(&format!("{}/echo", up.url()), "bearer"),
+    )
+    .await;
     let r = app
         .client
         .post(app.api("/proxy/web/http/v1/items?a=1&b=two"))
@@ -192,12 +213,18 @@ async fn http_route_forwards_and_injects_the_key(backend: Backend) {
     assert_eq!(v["query"]["b"], "two");
     assert_eq!(v["body"], "hello body");
     let h = &v["headers"];
-    assert_eq!(h["authorization"], "Bearer sk-http-key", "the key, not the caller's token");
+    assert_eq!(
+        h["authorization"], "Bearer sk-http-key",
+        "the key, not the caller's token"
+    );
     assert_eq!(h["x-trace"], "abc");
     assert_eq!(h["content-type"], "text/plain");
     assert!(h.get("cookie").is_none());
     assert!(h.get("x-hop").is_none());
-    assert!(!v.to_string().contains(&t), "the apipool token never reaches the upstream");
+    assert!(
+        !v.to_string().contains(&t),
+        "the apipool token never reaches the upstream"
+    );
 
     // Any method, an empty path, and the upstream's status passes through.
     for m in ["GET", "PUT", "PATCH", "DELETE", "OPTIONS"] {
@@ -270,8 +297,22 @@ async fn http_route_auth_placements(backend: Backend) {
     let t = app.admin_token.clone();
     let up = mock(&["placed-key"]).await;
     add_key(&app, &t, "k", "placed-key", None).await;
-    make_pool(&app, &t, "hdr", &["k"], upstream(&up.url(), "header:x-api-key")).await;
-    make_pool(&app, &t, "qry", &["k"], upstream(&up.url(), "query:api_key")).await;
+    make_pool(
+        &app,
+        &t,
+        "hdr",
+        &["k"],
+        upstream(&up.url(), "header:x-api-key"),
+    )
+    .await;
+    make_pool(
+        &app,
+        &t,
+        "qry",
+        &["k"],
+        upstream(&up.url(), "query:api_key"),
+    )
+    .await;
 
     let r = app
         .client
@@ -299,7 +340,13 @@ async fn http_route_auth_placements(backend: Backend) {
     assert_eq!(up.stats().admitted_ok(), 2);
 
     // invoke follows the pool's placement too.
-    let a = invoke(&app, &t, "qry", json!({"attr_path": ["get"], "args": ["/price"], "kwargs": {"params": {"id": "z"}}})).await;
+    let a = invoke(
+        &app,
+        &t,
+        "qry",
+        json!({"attr_path": ["get"], "args": ["/price"], "kwargs": {"params": {"id": "z"}}}),
+    )
+    .await;
     assert_eq!(a.status, 200, "{}", a.body);
     assert_eq!(a.body["data"]["status_code"], 200);
 }
@@ -311,10 +358,15 @@ async fn status_reports_counts_and_health(backend: Backend) {
     for (i, raw) in ["s1", "s2", "s3"].iter().enumerate() {
         add_key(&app, &t, &format!("k{i}"), raw, None).await;
     }
-    make_pool(&app, &t, "st", &["k0", "k1", "k2"], upstream(&up.url(), "bearer")).await;
-    let r = app
-        .put(&t, "/keys/k2", json!({"is_active": false}))
-        .await;
+    make_pool(
+        &app,
+        &t,
+        "st",
+        &["k0", "k1", "k2"],
+        upstream(&up.url(), "bearer"),
+    )
+    .await;
+    let r = app.put(&t, "/keys/k2", json!({"is_active": false})).await;
     assert_eq!(r.status(), 200);
     let s = status(&app, &t, "st").await;
     assert_eq!(s["success"], true);

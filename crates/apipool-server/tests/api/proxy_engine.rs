@@ -114,7 +114,11 @@ async fn configured_limits_never_draw_a_429_and_apply_in_place(backend: Backend)
     assert_eq!(a.status, 429, "{}", a.body);
     let retry: u64 = a.headers["retry-after"].to_str().unwrap().parse().unwrap();
     assert!((55..=60).contains(&retry), "Retry-After {retry}");
-    assert_eq!(up.stats().total_requests, 2, "the engine never sent the third");
+    assert_eq!(
+        up.stats().total_requests,
+        2,
+        "the engine never sent the third"
+    );
     let s = status(&app, &t, "lim").await;
     assert!(
         key_health(&s, "k")["skipped_because"]
@@ -171,7 +175,10 @@ async fn failures_retry_on_another_key_and_ban(backend: Backend) {
     for _ in 0..4 {
         let a = get_via_invoke(&app, &t, "retry", "/price", json!({"id": "x"})).await;
         assert_eq!(a.status, 200, "{}", a.body);
-        assert_eq!(a.body["data"]["status_code"], 200, "retried on the good key");
+        assert_eq!(
+            a.body["data"]["status_code"], 200,
+            "retried on the good key"
+        );
         assert_eq!(a.body["key_identifier"], "good");
     }
     let s = status(&app, &t, "retry").await;
@@ -225,9 +232,18 @@ async fn invalid_keys_are_archived_until_rotated(backend: Backend) {
     assert_eq!(r.status(), 200);
     let s = status(&app, &t, "inv").await;
     assert_eq!(key_health(&s, "r")["state"], "active");
-    let a = invoke(&app, &t, "inv", json!({"attr_path": ["get"], "args": ["/echo/r"]})).await;
+    let a = invoke(
+        &app,
+        &t,
+        "inv",
+        json!({"attr_path": ["get"], "args": ["/echo/r"]}),
+    )
+    .await;
     assert_eq!(a.status, 200, "{}", a.body);
-    assert_eq!(a.body["data"]["data"]["headers"]["authorization"], "Bearer fresh-1");
+    assert_eq!(
+        a.body["data"]["data"]["headers"]["authorization"],
+        "Bearer fresh-1"
+    );
 }
 
 async fn membership_and_key_changes_apply_in_place(backend: Backend) {
@@ -250,8 +266,18 @@ async fn membership_and_key_changes_apply_in_place(backend: Backend) {
         json!({"upstream": {"base_url": up.url()}, "pool_config": {"max_wait": 0.2}}),
     )
     .await;
-    assert_eq!(get_via_invoke(&app, &t, "live", "/price", json!({"id": "x"})).await.status, 200);
-    assert_eq!(get_via_invoke(&app, &t, "live", "/price", json!({"id": "x"})).await.status, 429);
+    assert_eq!(
+        get_via_invoke(&app, &t, "live", "/price", json!({"id": "x"}))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        get_via_invoke(&app, &t, "live", "/price", json!({"id": "x"}))
+            .await
+            .status,
+        429
+    );
     let live_before = app.state.engines.live_pools();
     // Add a member: the cooling key stays cooling, the new one serves.
     let r = app
@@ -275,7 +301,9 @@ async fn membership_and_key_changes_apply_in_place(backend: Backend) {
         .await;
     assert_eq!(r.status(), 200);
     assert_eq!(
-        get_via_invoke(&app, &t, "live", "/price", json!({"id": "x"})).await.status,
+        get_via_invoke(&app, &t, "live", "/price", json!({"id": "x"}))
+            .await
+            .status,
         404
     );
     let s = status(&app, &t, "renamed").await;
@@ -284,7 +312,11 @@ async fn membership_and_key_changes_apply_in_place(backend: Backend) {
     assert_eq!(app.state.engines.live_pools(), live_before);
     // Rename and disable keys.
     let r = app
-        .post(&t, "/pools/renamed/members", json!({"key_identifiers": ["c"]}))
+        .post(
+            &t,
+            "/pools/renamed/members",
+            json!({"key_identifiers": ["c"]}),
+        )
         .await;
     assert_eq!(r.status(), 200);
     let r = app.put(&t, "/keys/c", json!({"identifier": "c2"})).await;
@@ -295,7 +327,13 @@ async fn membership_and_key_changes_apply_in_place(backend: Backend) {
     assert_eq!(r.status(), 200);
     let s = status(&app, &t, "renamed").await;
     assert_eq!(key_health(&s, "c2")["state"], "disabled");
-    let r = app.put(&t, "/keys/c2", json!({"is_archived": true, "is_active": true})).await;
+    let r = app
+        .put(
+            &t,
+            "/keys/c2",
+            json!({"is_archived": true, "is_active": true}),
+        )
+        .await;
     assert_eq!(r.status(), 200);
     let s = status(&app, &t, "renamed").await;
     assert_eq!(key_health(&s, "c2")["state"], "archived");
@@ -307,12 +345,20 @@ async fn membership_and_key_changes_apply_in_place(backend: Backend) {
     assert_eq!(s["data"]["total_keys"], 1);
     // A new upstream applies to the next call.
     let r = app
-        .put(&t, "/pools/renamed", json!({"upstream": {"base_url": other.url()}}))
+        .put(
+            &t,
+            "/pools/renamed",
+            json!({"upstream": {"base_url": other.url()}}),
+        )
         .await;
     assert_eq!(r.status(), 200);
     // `a` is still cooling (and knows its limit there); `b` serves on the new upstream.
     let r = app
-        .post(&t, "/pools/renamed/members", json!({"key_identifiers": ["b"]}))
+        .post(
+            &t,
+            "/pools/renamed/members",
+            json!({"key_identifiers": ["b"]}),
+        )
         .await;
     assert_eq!(r.status(), 200);
     let a = get_via_invoke(&app, &t, "renamed", "/price", json!({"id": "x"})).await;
@@ -421,7 +467,14 @@ async fn all_requests_succeed_within_the_quota(backend: Backend) {
     for task in tasks {
         ok += task.await.unwrap();
     }
-    assert_eq!(ok, 60, "every request waited for a free key instead of failing");
-    assert_eq!(up.stats().rate_limited(), 0, "the engine never exceeded the limits");
+    assert_eq!(
+        ok, 60,
+        "every request waited for a free key instead of failing"
+    );
+    assert_eq!(
+        up.stats().rate_limited(),
+        0,
+        "the engine never exceeded the limits"
+    );
     assert_eq!(up.stats().admitted_ok(), 60);
 }

@@ -38,7 +38,14 @@ async fn ssrf_attempts_are_refused_and_reach_nothing(backend: Backend) {
     let victim = mock(&["ssrf-key"]).await;
     let vport = victim.addr().port();
     add_key(&app, &t, "k", "ssrf-key", None).await;
-    make_pool(&app, &t, "p", &["k"], upstream(&format!("{}/echo/base", up.url()), "bearer")).await;
+    make_pool(
+        &app,
+        &t,
+        "p",
+        &["k"],
+        upstream(&format!("{}/echo/base", up.url()), "bearer"),
+    )
+    .await;
 
     let urls = [
         format!("http://127.0.0.1:{vport}/price?id=x"),
@@ -68,7 +75,13 @@ async fn ssrf_attempts_are_refused_and_reach_nothing(backend: Backend) {
         let a = invoke(&app, &t, "p", json!({"attr_path": ["get"], "args": [url]})).await;
         assert_eq!(a.status, 400, "{url:?}: {}", a.body);
         assert!(a.body["detail"].as_str().is_some(), "{url:?}");
-        let a = invoke(&app, &t, "p", json!({"attr_path": ["get"], "kwargs": {"url": url}})).await;
+        let a = invoke(
+            &app,
+            &t,
+            "p",
+            json!({"attr_path": ["get"], "kwargs": {"url": url}}),
+        )
+        .await;
         assert_eq!(a.status, 400, "{url:?}");
     }
     // attr_path may only name HTTP verbs (after plain path segments).
@@ -109,11 +122,21 @@ async fn ssrf_attempts_are_refused_and_reach_nothing(backend: Backend) {
     .await;
     assert_ne!(status, 200);
 
-    assert_eq!(victim.stats().total_requests, 0, "nothing reached the other port");
+    assert_eq!(
+        victim.stats().total_requests,
+        0,
+        "nothing reached the other port"
+    );
     assert_eq!(up.stats().total_requests, 0, "nothing was sent at all");
 
     // Paths that look odd but are safe stay under the base URL.
-    let a = invoke(&app, &t, "p", json!({"attr_path": ["get"], "args": [format!("x/@127.0.0.1:{vport}/y")]})).await;
+    let a = invoke(
+        &app,
+        &t,
+        "p",
+        json!({"attr_path": ["get"], "args": [format!("x/@127.0.0.1:{vport}/y")]}),
+    )
+    .await;
     assert_eq!(a.status, 200, "{}", a.body);
     let echoed = &a.body["data"]["data"];
     assert_eq!(echoed["path"], format!("/echo/base/x/@127.0.0.1:{vport}/y"));
@@ -127,30 +150,61 @@ async fn another_users_pool_is_404_everywhere(backend: Backend) {
     let owner = app.admin_token.clone();
     let up = mock(&["owned-key"]).await;
     add_key(&app, &owner, "mine", "owned-key", None).await;
-    make_pool(&app, &owner, "private", &["mine"], upstream(&up.url(), "bearer")).await;
+    make_pool(
+        &app,
+        &owner,
+        "private",
+        &["mine"],
+        upstream(&up.url(), "bearer"),
+    )
+    .await;
     // The owner's pool is live (engine built) before the other user tries.
-    let a = invoke(&app, &owner, "private", json!({"attr_path": ["get"], "args": ["/price"], "kwargs": {"params": {"id": "x"}}})).await;
+    let a = invoke(
+        &app,
+        &owner,
+        "private",
+        json!({"attr_path": ["get"], "args": ["/price"], "kwargs": {"params": {"id": "x"}}}),
+    )
+    .await;
     assert_eq!(a.status, 200, "{}", a.body);
     let before = up.stats().total_requests;
 
     let other = app.new_user("mallory").await;
     let body = json!({"attr_path": ["get"], "args": ["/price"], "kwargs": {"params": {"id": "x"}}});
     let routes: Vec<(&str, String, Option<Value>)> = vec![
-        ("POST", "/proxy/private/invoke".to_owned(), Some(body.clone())),
+        (
+            "POST",
+            "/proxy/private/invoke".to_owned(),
+            Some(body.clone()),
+        ),
         ("POST", "/proxy/private/call".to_owned(), Some(body)),
         ("GET", "/proxy/private/status".to_owned(), None),
         ("GET", "/proxy/private/http/price?id=x".to_owned(), None),
-        ("POST", "/proxy/private/http/echo/x".to_owned(), Some(json!({"a": 1}))),
+        (
+            "POST",
+            "/proxy/private/http/echo/x".to_owned(),
+            Some(json!({"a": 1})),
+        ),
         ("GET", "/stats/private/usage".to_owned(), None),
-        ("GET", "/stats/private/usage?group_by=status".to_owned(), None),
-        ("GET", "/stats/private/timeline?interval=minute&seconds=600".to_owned(), None),
+        (
+            "GET",
+            "/stats/private/usage?group_by=status".to_owned(),
+            None,
+        ),
+        (
+            "GET",
+            "/stats/private/timeline?interval=minute&seconds=600".to_owned(),
+            None,
+        ),
         ("GET", "/stats/private/success-rate".to_owned(), None),
         ("GET", "/stats/private/logs".to_owned(), None),
         ("GET", "/keys/mine/stats".to_owned(), None),
         (
             "POST",
             "/stats/report".to_owned(),
-            Some(json!({"pool_identifier": "private", "events": [{"key_identifier": "mine", "status": "success", "latency": 0.1}]})),
+            Some(
+                json!({"pool_identifier": "private", "events": [{"key_identifier": "mine", "status": "success", "latency": 0.1}]}),
+            ),
         ),
     ];
     for (method, path, body) in routes {
@@ -166,7 +220,11 @@ async fn another_users_pool_is_404_everywhere(backend: Backend) {
         let v: Value = r.json().await.unwrap();
         assert!(v["detail"].as_str().is_some(), "{method} {path}: {v}");
     }
-    assert_eq!(up.stats().total_requests, before, "nothing was sent for mallory");
+    assert_eq!(
+        up.stats().total_requests,
+        before,
+        "nothing was sent for mallory"
+    );
     // Mallory's own pool of the same name is hers alone.
     add_key(&app, &other, "mine", "mallory-key", None).await;
     make_pool(&app, &other, "private", &["mine"], json!({})).await;
@@ -175,5 +233,8 @@ async fn another_users_pool_is_404_everywhere(backend: Backend) {
     assert_eq!(v["data"]["total_keys"], 1);
     let r = app.get(&owner, "/stats/private/usage").await;
     let v: Value = r.json().await.unwrap();
-    assert_eq!(v["total"], 1, "the owner's pool still has its own single event");
+    assert_eq!(
+        v["total"], 1,
+        "the owner's pool still has its own single event"
+    );
 }

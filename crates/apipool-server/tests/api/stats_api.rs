@@ -83,7 +83,10 @@ async fn a_thousand_calls_are_a_thousand_events(backend: Backend) {
     }
     assert_eq!(sum, 1000);
     let by_status = get_json(&app, &t, "/stats/busy/usage?group_by=status").await;
-    assert_eq!(by_status["items"], json!([{"group": "success", "count": 1000}]));
+    assert_eq!(
+        by_status["items"],
+        json!([{"group": "success", "count": 1000}])
+    );
     let hours = get_json(&app, &t, "/stats/busy/usage?group_by=hour&seconds=7200").await;
     assert_eq!(hours["total"], 1000);
     let rate = get_json(&app, &t, "/stats/busy/success-rate").await;
@@ -92,7 +95,12 @@ async fn a_thousand_calls_are_a_thousand_events(backend: Backend) {
     assert_eq!(rate["success_rate"], 1.0);
     assert_eq!(rate["per_key"].as_array().unwrap().len(), 4);
     assert_eq!(rate["latency"]["count"], 1000);
-    let tl = get_json(&app, &t, "/stats/busy/timeline?seconds=3600&interval=minute").await;
+    let tl = get_json(
+        &app,
+        &t,
+        "/stats/busy/timeline?seconds=3600&interval=minute",
+    )
+    .await;
     let buckets = tl["buckets"].as_array().unwrap();
     assert!(buckets.len() >= 60);
     let total: u64 = buckets.iter().map(|b| b["total"].as_u64().unwrap()).sum();
@@ -101,7 +109,10 @@ async fn a_thousand_calls_are_a_thousand_events(backend: Backend) {
     assert_eq!(logs["total"], 1000);
     assert_eq!(logs["items"].as_array().unwrap().len(), 100);
     let methods = get_json(&app, &t, "/stats/busy/logs?method=GET%20/price&page_size=1").await;
-    assert_eq!(methods["total"], 1000, "invoke and /http both label GET /price");
+    assert_eq!(
+        methods["total"], 1000,
+        "invoke and /http both label GET /price"
+    );
 }
 
 async fn filters_latency_methods_and_reports(backend: Backend) {
@@ -114,13 +125,36 @@ async fn filters_latency_methods_and_reports(backend: Backend) {
     add_key(&app, &t, "ok", "f-ok", None).await;
     add_key(&app, &t, "bad", "f-bad", None).await;
     make_pool(&app, &t, "mixed", &["ok"], upstream(&up.url(), "bearer")).await;
-    make_pool(&app, &t, "failing", &["bad"], json!({"upstream": {"base_url": up.url()}, "pool_config": {"ban_threshold": 100}})).await;
+    make_pool(
+        &app,
+        &t,
+        "failing",
+        &["bad"],
+        json!({"upstream": {"base_url": up.url()}, "pool_config": {"ban_threshold": 100}}),
+    )
+    .await;
     for _ in 0..3 {
-        assert_eq!(get_via_invoke(&app, &t, "mixed", "/price", json!({"id": "a"})).await.status, 200);
+        assert_eq!(
+            get_via_invoke(&app, &t, "mixed", "/price", json!({"id": "a"}))
+                .await
+                .status,
+            200
+        );
     }
     // A caller error (400 upstream) is recorded as "not key related".
-    assert_eq!(get_via_invoke(&app, &t, "mixed", "/price", json!({})).await.status, 200);
-    let a = invoke(&app, &t, "mixed", json!({"attr_path": ["post"], "args": ["/echo/x"], "kwargs": {"json": {}}})).await;
+    assert_eq!(
+        get_via_invoke(&app, &t, "mixed", "/price", json!({}))
+            .await
+            .status,
+        200
+    );
+    let a = invoke(
+        &app,
+        &t,
+        "mixed",
+        json!({"attr_path": ["post"], "args": ["/echo/x"], "kwargs": {"json": {}}}),
+    )
+    .await;
     assert_eq!(a.status, 200);
     for _ in 0..2 {
         let a = get_via_invoke(&app, &t, "failing", "/price", json!({"id": "a"})).await;
@@ -189,11 +223,26 @@ async fn filters_latency_methods_and_reports(backend: Backend) {
     let usage = get_json(&app, &t, "/stats/mixed/usage?seconds=10800&group_by=status").await;
     assert_eq!(usage["total"], 7);
     let st: Value = usage["items"].clone();
-    assert!(st.as_array().unwrap().contains(&json!({"group": "reach limit", "count": 1})), "{st}");
-    assert!(st.as_array().unwrap().contains(&json!({"group": "failed", "count": 1})), "{st}");
+    assert!(
+        st.as_array()
+            .unwrap()
+            .contains(&json!({"group": "reach limit", "count": 1})),
+        "{st}"
+    );
+    assert!(
+        st.as_array()
+            .unwrap()
+            .contains(&json!({"group": "failed", "count": 1})),
+        "{st}"
+    );
     let recent = get_json(&app, &t, "/stats/mixed/usage?seconds=3600").await;
     assert_eq!(recent["total"], 5, "the reported events are two hours old");
-    let tl = get_json(&app, &t, "/stats/mixed/timeline?seconds=10800&interval=hour").await;
+    let tl = get_json(
+        &app,
+        &t,
+        "/stats/mixed/timeline?seconds=10800&interval=hour",
+    )
+    .await;
     let total: u64 = tl["buckets"]
         .as_array()
         .unwrap()
@@ -201,7 +250,12 @@ async fn filters_latency_methods_and_reports(backend: Backend) {
         .map(|b| b["total"].as_u64().unwrap())
         .sum();
     assert_eq!(total, 7);
-    let sdk = get_json(&app, &t, "/stats/mixed/logs?seconds=10800&method=GET%20/sdk").await;
+    let sdk = get_json(
+        &app,
+        &t,
+        "/stats/mixed/logs?seconds=10800&method=GET%20/sdk",
+    )
+    .await;
     assert_eq!(sdk["total"], 1);
     assert_eq!(sdk["items"][0]["latency_ms"], 250.0);
 
@@ -215,7 +269,11 @@ async fn filters_latency_methods_and_reports(backend: Backend) {
     let r = app.get(&t, "/keys/nope/stats").await;
     assert_eq!(r.status(), 404);
     let r = app
-        .post(&t, "/stats/report", json!({"pool_identifier": "nope", "events": []}))
+        .post(
+            &t,
+            "/stats/report",
+            json!({"pool_identifier": "nope", "events": []}),
+        )
         .await;
     assert_eq!(r.status(), 404);
 }
@@ -230,7 +288,14 @@ async fn raw_keys_never_appear_in_stats(backend: Backend) {
     .await;
     add_key(&app, &t, "first", raws[0], None).await;
     add_key(&app, &t, "second", raws[1], None).await;
-    make_pool(&app, &t, "secret", &["first", "second"], json!({"upstream": {"base_url": up.url(), "auth": "query:api_key"}})).await;
+    make_pool(
+        &app,
+        &t,
+        "secret",
+        &["first", "second"],
+        json!({"upstream": {"base_url": up.url(), "auth": "query:api_key"}}),
+    )
+    .await;
     for _ in 0..6 {
         let a = get_via_invoke(&app, &t, "secret", "/price", json!({"id": "x"})).await;
         assert_eq!(a.status, 200, "{}", a.body);
@@ -300,7 +365,11 @@ async fn stats_input_is_validated(backend: Backend) {
     assert_eq!(r.status(), 401);
     let many: Vec<Value> = (0..10_001).map(|_| json!({})).collect();
     let r = app
-        .post(&t, "/stats/report", json!({"pool_identifier": "v", "events": many}))
+        .post(
+            &t,
+            "/stats/report",
+            json!({"pool_identifier": "v", "events": many}),
+        )
         .await;
     assert_eq!(r.status(), 422);
 }
