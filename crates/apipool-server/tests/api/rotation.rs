@@ -120,7 +120,9 @@ async fn rotate_master_key_while_requests_run(backend: Backend) {
         &db,
         &source,
         &RotateOptions {
-            handoff_grace: std::time::Duration::ZERO,
+            // As in production (default 10 s), the hand-over stays readable long enough for requests
+            // already sealing under the old key to commit before the final sweep.
+            handoff_grace: std::time::Duration::from_secs(1),
             new_key_file: None,
         },
         app.clock.now_ms(),
