@@ -17,6 +17,7 @@
 pub mod auth;
 pub mod clock;
 pub mod config;
+pub mod dashboard;
 pub mod db;
 pub mod engines;
 pub mod http;

@@ -149,7 +149,7 @@ fn invalid_credentials() -> ApiError {
     responses((status = 200, body = TokenResponse), (status = 401, body = ErrorBody),
               (status = 429, body = ErrorBody, description = "Too many failed logins; see Retry-After")))]
 #[tracing::instrument(skip_all, fields(username = %body.username))]
-async fn login(
+pub(crate) async fn login(
     State(state): State<AppState>,
     ConnectInfo(addr): ConnectInfo<SocketAddr>,
     AppJson(body): AppJson<LoginRequest>,
@@ -244,7 +244,7 @@ async fn revoke_family(state: &AppState, family: &str) -> ApiResult<()> {
 #[utoipa::path(post, path = "/auth/refresh", tag = "auth", request_body = RefreshRequest,
     responses((status = 200, body = TokenResponse), (status = 401, body = ErrorBody)))]
 #[tracing::instrument(skip_all)]
-async fn refresh(
+pub(crate) async fn refresh(
     State(state): State<AppState>,
     AppJson(body): AppJson<RefreshRequest>,
 ) -> ApiResult<Json<TokenResponse>> {
@@ -305,7 +305,7 @@ async fn refresh(
 #[utoipa::path(post, path = "/auth/logout", tag = "auth", request_body = RefreshRequest,
     responses((status = 204, description = "Logged out"), (status = 401, body = ErrorBody)))]
 #[tracing::instrument(skip_all)]
-async fn logout(
+pub(crate) async fn logout(
     State(state): State<AppState>,
     AppJson(body): AppJson<RefreshRequest>,
 ) -> ApiResult<StatusCode> {
@@ -320,7 +320,7 @@ async fn logout(
     responses((status = 201, body = UserOut), (status = 403, body = ErrorBody),
               (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
 #[tracing::instrument(skip_all, fields(username = %body.username))]
-async fn register(
+pub(crate) async fn register(
     State(state): State<AppState>,
     MaybeAuthUser(caller): MaybeAuthUser,
     AppJson(body): AppJson<RegisterRequest>,

@@ -73,7 +73,7 @@ fn bearer(parts: &Parts) -> Result<Option<&str>, ApiError> {
     Ok(Some(token.trim()))
 }
 
-async fn authenticate(token: &str, state: &AppState) -> Result<AuthUser, ApiError> {
+pub(crate) async fn authenticate(token: &str, state: &AppState) -> Result<AuthUser, ApiError> {
     let claims = state
         .tokens
         .verify(token)

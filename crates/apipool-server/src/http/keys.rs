@@ -377,7 +377,7 @@ fn utf8(bytes: &[u8]) -> ApiResult<String> {
 #[utoipa::path(post, path = "/keys", tag = "keys", request_body = CreateKey, security(("bearer" = [])),
     responses((status = 201, body = KeyOut), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
 #[tracing::instrument(skip_all, fields(user_id = %user.id))]
-async fn create_key(
+pub(crate) async fn create_key(
     State(state): State<AppState>,
     user: AuthUser,
     AppJson(body): AppJson<CreateKey>,
@@ -497,7 +497,7 @@ async fn insert_keys(
 /// List keys (paged, filtered).
 #[utoipa::path(get, path = "/keys", tag = "keys", params(KeyFilter), security(("bearer" = [])),
     responses((status = 200, body = KeyPage), (status = 422, body = ErrorBody)))]
-async fn list_keys(
+pub(crate) async fn list_keys(
     State(state): State<AppState>,
     user: AuthUser,
     AppQuery(f): AppQuery<KeyFilter>,
@@ -666,7 +666,7 @@ async fn single_raw(state: &AppState, user: &AuthUser, identifier: &str) -> ApiR
     params(("identifier" = String, Path, description = "Key identifier")),
     responses((status = 200, body = RawKeyOut), (status = 404, body = ErrorBody)))]
 #[tracing::instrument(skip_all, fields(user_id = %user.id))]
-async fn raw_key(
+pub(crate) async fn raw_key(
     State(state): State<AppState>,
     user: AuthUser,
     AppPath(identifier): AppPath<String>,
@@ -681,7 +681,7 @@ async fn raw_key(
 #[utoipa::path(get, path = "/keys/export", tag = "keys", params(ExportQuery), security(("bearer" = [])),
     responses((status = 200, content_type = "text/csv", body = String)))]
 #[tracing::instrument(skip_all, fields(user_id = %user.id))]
-async fn export_keys(
+pub(crate) async fn export_keys(
     State(state): State<AppState>,
     user: AuthUser,
     AppQuery(q): AppQuery<ExportQuery>,
@@ -943,7 +943,7 @@ async fn existing(
 #[utoipa::path(post, path = "/keys/import", tag = "keys", request_body = ImportRequest, security(("bearer" = [])),
     responses((status = 201, body = ImportReport), (status = 422, body = ErrorBody)))]
 #[tracing::instrument(skip_all, fields(user_id = %user.id, rows = body.keys.len()))]
-async fn import_keys(
+pub(crate) async fn import_keys(
     State(state): State<AppState>,
     user: AuthUser,
     AppJson(body): AppJson<ImportRequest>,
@@ -956,7 +956,7 @@ async fn import_keys(
     security(("bearer" = [])),
     responses((status = 201, body = ImportReport), (status = 422, body = ErrorBody)))]
 #[tracing::instrument(skip_all, fields(user_id = %user.id, rows = body.keys.len()))]
-async fn batch_import_keys(
+pub(crate) async fn batch_import_keys(
     State(state): State<AppState>,
     user: AuthUser,
     AppJson(body): AppJson<BatchImportRequest>,
@@ -993,7 +993,7 @@ async fn batch_import_keys(
 #[utoipa::path(get, path = "/keys/{identifier}", tag = "keys", security(("bearer" = [])),
     params(("identifier" = String, Path, description = "Key identifier")),
     responses((status = 200, body = KeyOut), (status = 404, body = ErrorBody)))]
-async fn get_key(
+pub(crate) async fn get_key(
     State(state): State<AppState>,
     user: AuthUser,
     AppPath(identifier): AppPath<String>,
@@ -1008,7 +1008,7 @@ async fn get_key(
     responses((status = 200, body = KeyOut), (status = 404, body = ErrorBody),
               (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
 #[tracing::instrument(skip_all, fields(user_id = %user.id))]
-async fn update_key(
+pub(crate) async fn update_key(
     State(state): State<AppState>,
     user: AuthUser,
     AppPath(identifier): AppPath<String>,
@@ -1085,7 +1085,7 @@ async fn update_key(
 #[utoipa::path(delete, path = "/keys/{identifier}", tag = "keys", security(("bearer" = [])),
     params(("identifier" = String, Path, description = "Key identifier")),
     responses((status = 204, description = "Deleted"), (status = 404, body = ErrorBody)))]
-async fn delete_key(
+pub(crate) async fn delete_key(
     State(state): State<AppState>,
     user: AuthUser,
     AppPath(identifier): AppPath<String>,
@@ -1108,7 +1108,7 @@ async fn delete_key(
     responses((status = 200, body = KeyOut), (status = 404, body = ErrorBody),
               (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
 #[tracing::instrument(skip_all, fields(user_id = %user.id))]
-async fn rotate_key(
+pub(crate) async fn rotate_key(
     State(state): State<AppState>,
     user: AuthUser,
     AppPath(identifier): AppPath<String>,
@@ -1164,7 +1164,7 @@ async fn rotate_key(
     params(("identifier" = String, Path, description = "Key identifier")),
     responses((status = 200, body = VerifyOut), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
 #[tracing::instrument(skip_all, fields(user_id = %user.id))]
-async fn verify_key(
+pub(crate) async fn verify_key(
     State(state): State<AppState>,
     user: AuthUser,
     AppPath(identifier): AppPath<String>,

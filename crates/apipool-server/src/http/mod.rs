@@ -126,6 +126,7 @@ pub fn app(state: AppState) -> Router {
     let prometheus = crate::telemetry::prometheus();
     Router::new()
         .merge(api)
+        .merge(crate::dashboard::router(&state))
         .route(
             "/metrics",
             axum::routing::get(move || {

@@ -505,7 +505,7 @@ async fn upsert_members(
 #[utoipa::path(post, path = "/pools", tag = "pools", request_body = CreatePool, security(("bearer" = [])),
     responses((status = 201, body = PoolOut), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
 #[tracing::instrument(skip_all, fields(user_id = %user.id))]
-async fn create_pool(
+pub(crate) async fn create_pool(
     State(state): State<AppState>,
     user: AuthUser,
     AppJson(body): AppJson<CreatePool>,
@@ -557,7 +557,7 @@ async fn create_pool(
 /// List pools (paged).
 #[utoipa::path(get, path = "/pools", tag = "pools", params(PageParams), security(("bearer" = [])),
     responses((status = 200, body = PoolPage)))]
-async fn list_pools(
+pub(crate) async fn list_pools(
     State(state): State<AppState>,
     user: AuthUser,
     AppQuery(paging): AppQuery<PageParams>,
@@ -590,7 +590,7 @@ async fn list_pools(
 #[utoipa::path(get, path = "/pools/{pool}", tag = "pools", security(("bearer" = [])),
     params(("pool" = String, Path, description = "Pool identifier")),
     responses((status = 200, body = PoolOut), (status = 404, body = ErrorBody)))]
-async fn get_pool(
+pub(crate) async fn get_pool(
     State(state): State<AppState>,
     user: AuthUser,
     AppPath(pool): AppPath<String>,
@@ -604,7 +604,7 @@ async fn get_pool(
     responses((status = 200, body = PoolOut), (status = 404, body = ErrorBody),
               (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
 #[tracing::instrument(skip_all, fields(user_id = %user.id))]
-async fn update_pool(
+pub(crate) async fn update_pool(
     State(state): State<AppState>,
     user: AuthUser,
     AppPath(pool): AppPath<String>,
@@ -663,7 +663,7 @@ async fn update_pool(
 #[utoipa::path(delete, path = "/pools/{pool}", tag = "pools", security(("bearer" = [])),
     params(("pool" = String, Path, description = "Pool identifier")),
     responses((status = 204, description = "Deleted"), (status = 404, body = ErrorBody)))]
-async fn delete_pool(
+pub(crate) async fn delete_pool(
     State(state): State<AppState>,
     user: AuthUser,
     AppPath(pool): AppPath<String>,
@@ -713,7 +713,7 @@ async fn list_members(
     security(("bearer" = [])), params(("pool" = String, Path, description = "Pool identifier")),
     responses((status = 200, body = PoolOut), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
 #[tracing::instrument(skip_all, fields(user_id = %user.id))]
-async fn add_members(
+pub(crate) async fn add_members(
     State(state): State<AppState>,
     user: AuthUser,
     AppPath(pool): AppPath<String>,
@@ -756,7 +756,7 @@ async fn add_members(
 #[utoipa::path(delete, path = "/pools/{pool}/members/{key}", tag = "pools", security(("bearer" = [])),
     params(("pool" = String, Path, description = "Pool identifier"), ("key" = String, Path, description = "Key identifier")),
     responses((status = 204, description = "Removed"), (status = 404, body = ErrorBody)))]
-async fn remove_member(
+pub(crate) async fn remove_member(
     State(state): State<AppState>,
     user: AuthUser,
     AppPath((pool, key)): AppPath<(String, String)>,
@@ -784,7 +784,7 @@ async fn remove_member(
 #[utoipa::path(get, path = "/pools/{pool}/status", tag = "pools", security(("bearer" = [])),
     params(("pool" = String, Path, description = "Pool identifier")),
     responses((status = 200, body = PoolStatus), (status = 404, body = ErrorBody)))]
-async fn pool_status(
+pub(crate) async fn pool_status(
     State(state): State<AppState>,
     user: AuthUser,
     AppPath(pool): AppPath<String>,

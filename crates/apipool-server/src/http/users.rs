@@ -47,7 +47,7 @@ const USER_COLS: &str = "id, username, email, role, is_active, created_at";
 /// List users (admin).
 #[utoipa::path(get, path = "/users", tag = "users", params(PageParams), security(("bearer" = [])),
     responses((status = 200, body = UserPage), (status = 403, body = ErrorBody)))]
-async fn list_users(
+pub(crate) async fn list_users(
     State(state): State<AppState>,
     _admin: AdminUser,
     AppQuery(paging): AppQuery<PageParams>,
@@ -102,7 +102,7 @@ async fn get_user(
 #[utoipa::path(patch, path = "/users/{id}", tag = "users", security(("bearer" = [])),
     params(("id" = String, Path, description = "User id")), request_body = UserUpdate,
     responses((status = 200, body = UserOut), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
-async fn update_user(
+pub(crate) async fn update_user(
     State(state): State<AppState>,
     AdminUser(admin): AdminUser,
     AppPath(id): AppPath<String>,
