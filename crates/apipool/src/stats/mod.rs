@@ -147,9 +147,32 @@ fn new_runtime() -> Result<RuntimeGuard, StatsError> {
         .map_err(StatsError::Runtime)
 }
 
-/// Waits for a future on the calling thread without needing (or touching) a tokio runtime.
+/// Wakes a thread parked in [`wait`].
+struct ThreadWaker(std::thread::Thread);
+
+impl std::task::Wake for ThreadWaker {
+    fn wake(self: Arc<Self>) {
+        self.0.unpark();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.0.unpark();
+    }
+}
+
+/// Waits for a future on the calling thread by parking it. Needs no runtime and touches none:
+/// the futures waited on here only hand work to the collector's own runtime and wait for the
+/// answer, so this works inside a tokio runtime or another executor without panicking.
 fn wait<F: Future>(f: F) -> F::Output {
-    futures::executor::block_on(f)
+    let mut f = std::pin::pin!(f);
+    let waker = std::task::Waker::from(Arc::new(ThreadWaker(std::thread::current())));
+    let mut cx = std::task::Context::from_waker(&waker);
+    loop {
+        if let std::task::Poll::Ready(v) = f.as_mut().poll(&mut cx) {
+            return v;
+        }
+        std::thread::park();
+    }
 }
 
 /// A snapshot of the writer's counters.

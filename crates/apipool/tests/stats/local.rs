@@ -209,3 +209,22 @@ fn retention_also_runs_in_the_background() {
     ));
     assert_eq!(stats.count(StatsFilter::all()).unwrap(), 2);
 }
+
+#[test]
+fn sync_calls_work_inside_another_executor() {
+    // Nested `futures::executor::block_on` would panic; the collector parks the thread instead.
+    futures::executor::block_on(async {
+        let stats = StatsCollector::in_memory().unwrap();
+        stats.record(event(
+            "k",
+            CallStatus::Success,
+            SystemTime::now(),
+            1,
+            None,
+            None,
+        ));
+        assert_eq!(stats.count(StatsFilter::all()).unwrap(), 1);
+        assert_eq!(stats.acount(StatsFilter::all()).await.unwrap(), 1);
+        stats.close().unwrap();
+    });
+}
