@@ -622,8 +622,19 @@ impl Inner {
             return Ok(());
         };
         // The writer gives up at the deadline; allow it a little longer to log and close.
-        let _ = done.recv_timeout(timeout + Duration::from_secs(5));
-        let lost = self.shared.metrics.lost.load(Ordering::Relaxed);
+        let m = &self.shared.metrics;
+        if done.recv_timeout(timeout + Duration::from_secs(5)).is_err() {
+            // Stuck in a statement the database never answers: what it holds is lost when the
+            // runtime stops.
+            let stuck = self.queue.counts().0 as u64 + m.in_writer.swap(0, Ordering::Relaxed);
+            m.lost.fetch_add(stuck, Ordering::Relaxed);
+            tracing::error!(
+                lost = stuck,
+                "apipool stats: the writer did not finish before the shutdown timeout; \
+                 these events were not stored"
+            );
+        }
+        let lost = m.lost.load(Ordering::Relaxed);
         if lost > 0 {
             return Err(StatsError::FlushTimeout {
                 waited: timeout,

@@ -356,7 +356,7 @@ impl Writer {
                     );
                     let deadline = self.queue.closing().map(Instant::from_std);
                     if deadline.is_some_and(|d| Instant::now() >= d) {
-                        self.give_up(n);
+                        self.give_up();
                         return;
                     }
                     let cfg = &self.shared.config;
@@ -417,16 +417,14 @@ impl Writer {
 
     /// The shutdown deadline passed with the database still unreachable: drop what is left,
     /// loudly.
-    fn give_up(&mut self, in_flight: usize) {
+    fn give_up(&mut self) {
         self.drain();
         let mut rest = Vec::new();
         let queued = self.queue.take(&mut rest);
         let lost = self.pending_events + queued;
-        debug_assert!(lost >= in_flight);
-        self.shared
-            .metrics
-            .lost
-            .fetch_add(lost as u64, Ordering::Relaxed);
+        let m = &self.shared.metrics;
+        m.lost.fetch_add(lost as u64, Ordering::Relaxed);
+        m.in_writer.store(0, Ordering::Relaxed);
         tracing::error!(
             lost,
             "apipool stats: the database stayed unreachable past the shutdown timeout; \
