@@ -24,7 +24,8 @@ impl ApiKey for Key {
 fn pool(n: usize, strategy: Strategy, limited: bool) -> ApiKeyManager<Key> {
     let mut b = ApiKeyManager::builder()
         .keys((0..n).map(|i| Key(format!("key-{i}"))))
-        .strategy(strategy);
+        .strategy(strategy)
+        .no_stats();
     if limited {
         // Generous enough never to block: measures the window bookkeeping, not waiting.
         b = b.rate_limit(RateLimit::per_second(1_000_000_000).unwrap());

@@ -121,6 +121,8 @@ pub(crate) struct Inner<K: ApiKey> {
     released: Event,
     clock: Arc<dyn Clock>,
     sink: Option<Arc<dyn StatsSink>>,
+    #[cfg(feature = "sqlite")]
+    collector: Option<crate::stats::StatsCollector>,
     name: Option<Arc<str>>,
     calls: RwLock<CallSettings>,
 }
@@ -322,6 +324,13 @@ impl<K: ApiKey> ApiKeyManager<K> {
     /// Calls in flight across the pool.
     pub fn in_flight(&self) -> u64 {
         self.inner.store.in_flight()
+    }
+
+    /// The pool's own in-memory statistics collector (the default sink; `None` when another sink
+    /// or [`ApiKeyManagerBuilder::no_stats`] was chosen). Query it for usage and latencies.
+    #[cfg(feature = "sqlite")]
+    pub fn stats(&self) -> Option<&crate::stats::StatsCollector> {
+        self.inner.collector.as_ref()
     }
 
     /// The pool's name (used in statistics), if set.
@@ -841,6 +850,14 @@ fn call_settings_from_config(
     })
 }
 
+/// Where a pool's events go.
+enum Sink {
+    /// In-memory SQLite when the `sqlite` feature is on, else none.
+    Default,
+    None,
+    Custom(Arc<dyn StatsSink>),
+}
+
 /// Builds an [`ApiKeyManager`]. Every option is validated in [`Self::build`].
 pub struct ApiKeyManagerBuilder<K: ApiKey> {
     keys: Vec<K>,
@@ -854,7 +871,7 @@ pub struct ApiKeyManagerBuilder<K: ApiKey> {
     max_refusals: u32,
     scopes: Vec<(String, Vec<RateLimit>, u32)>,
     scope_refusal: Option<(u32, Duration)>,
-    sink: Option<Arc<dyn StatsSink>>,
+    sink: Sink,
     clock: Arc<dyn Clock>,
     seed: Option<u64>,
     name: Option<Arc<str>>,
@@ -875,7 +892,7 @@ impl<K: ApiKey> Default for ApiKeyManagerBuilder<K> {
             max_refusals: RetryPolicy::default().max_refusals,
             scopes: Vec::new(),
             scope_refusal: None,
-            sink: None,
+            sink: Sink::Default,
             clock: Arc::new(SystemClock),
             seed: None,
             name: None,
@@ -1004,7 +1021,14 @@ impl<K: ApiKey> ApiKeyManagerBuilder<K> {
 
     /// Where each call's event goes (e.g. a [`crate::stats::StatsCollector`]); default: none.
     pub fn stats(mut self, sink: impl StatsSink) -> Self {
-        self.sink = Some(Arc::new(sink));
+        self.sink = Sink::Custom(Arc::new(sink));
+        self
+    }
+
+    /// Records no statistics (the default, like the seed's, is an in-memory SQLite collector when
+    /// the `sqlite` feature is on).
+    pub fn no_stats(mut self) -> Self {
+        self.sink = Sink::None;
         self
     }
 
@@ -1066,6 +1090,26 @@ impl<K: ApiKey> ApiKeyManagerBuilder<K> {
         for (name, limits, max_in_flight) in self.scopes {
             store.define_scope(&name, limits, max_in_flight);
         }
+        #[cfg(feature = "sqlite")]
+        let (sink, collector) = match self.sink {
+            Sink::Custom(s) => (Some(s), None),
+            Sink::None => (None, None),
+            Sink::Default => match crate::stats::StatsCollector::in_memory() {
+                Ok(c) => {
+                    let sink: Arc<dyn StatsSink> = Arc::new(c.clone());
+                    (Some(sink), Some(c))
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "no in-memory stats collector; the pool records no statistics");
+                    (None, None)
+                }
+            },
+        };
+        #[cfg(not(feature = "sqlite"))]
+        let sink = match self.sink {
+            Sink::Custom(s) => Some(s),
+            Sink::None | Sink::Default => None,
+        };
         let pool = ApiKeyManager {
             inner: Arc::new(Inner {
                 store: Box::new(store),
@@ -1075,7 +1119,9 @@ impl<K: ApiKey> ApiKeyManagerBuilder<K> {
                 }),
                 released: Event::new(),
                 clock: self.clock,
-                sink: self.sink,
+                sink,
+                #[cfg(feature = "sqlite")]
+                collector,
                 name: self.name,
                 calls: RwLock::new(calls),
             }),

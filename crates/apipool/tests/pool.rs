@@ -387,6 +387,27 @@ fn many_threads_reporting_at_once_lose_and_double_nothing() {
 }
 
 #[test]
+fn the_default_sink_is_an_in_memory_sqlite_collector() {
+    let pool = ApiKeyManager::new(keys(&["a", "b"])).unwrap();
+    for _ in 0..5 {
+        pool.call(|_| Ok::<_, ()>(())).unwrap();
+    }
+    let stats = pool.stats().expect("a default collector");
+    assert_eq!(
+        stats
+            .usage_count_in_recent_n_seconds(60, None, None)
+            .unwrap(),
+        5
+    );
+    let none = ApiKeyManager::builder()
+        .keys(keys(&["a"]))
+        .no_stats()
+        .build()
+        .unwrap();
+    assert!(none.stats().is_none());
+}
+
+#[test]
 fn stats_events_name_keys_by_identifier_only() {
     let sink = Arc::new(Events::default());
     let pool = ApiKeyManager::builder()

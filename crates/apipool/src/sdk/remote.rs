@@ -521,6 +521,8 @@ pub fn connect(session: &Session, pool: &str) -> Result<RemotePool, SdkError> {
         .keys([slot])
         .config(config)
         .learn_limits(false, None)
+        // The server records every proxied call; the local slot keeps no statistics of its own.
+        .no_stats()
         .name(pool)
         .build()?;
     Ok(RemotePool { proxy, pool })
