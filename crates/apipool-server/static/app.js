@@ -70,7 +70,7 @@
     var max = 0;
     for (var i = 0; i < n; i++) max = Math.max(max, ok[i] + bad[i]);
     if (max === 0) { empty(node, "No calls in this window yet."); return; }
-    var W = 640, H = 200, L = 36, B = 22, T = 8, w = (W - L) / n;
+    var W = Math.max(320, Math.round(node.clientWidth || 640)), H = 200, L = 36, B = 22, T = 8, w = (W - L - 4) / n;
     var svg = el("svg", { viewBox: "0 0 " + W + " " + H, class: "svg-chart", "aria-hidden": "true" });
     svg.appendChild(el("line", { x1: L, y1: H - B, x2: W, y2: H - B, class: "axis" }));
     svg.appendChild(el("text", { x: L - 4, y: T + 8, class: "tick", "text-anchor": "end" }, String(max)));
@@ -84,7 +84,9 @@
     var ticks = 4;
     for (var t = 0; t <= ticks; t++) {
       var ti = Math.round(t * (n - 1) / ticks);
-      svg.appendChild(el("text", { x: L + ti * w + w / 2, y: H - 6, class: "tick", "text-anchor": "middle" }, hhmm(new Date(first + ti * step), data.window > 86400)));
+      var anchor = t === 0 ? "start" : (t === ticks ? "end" : "middle");
+      var tx = t === 0 ? L : (t === ticks ? W - 2 : L + ti * w + w / 2);
+      svg.appendChild(el("text", { x: tx, y: H - 6, class: "tick", "text-anchor": anchor }, hhmm(new Date(first + ti * step), data.window > 86400)));
     }
     clear(node);
     node.appendChild(svg);
@@ -97,7 +99,7 @@
     if (!items.length) { empty(node, "No calls in this window yet."); return; }
     items = items.slice(0, 15);
     var max = Math.max.apply(null, items.map(function (i) { return i[1]; })) || 1;
-    var W = 640, row = 22, L = 160, H = items.length * row + 4;
+    var W = Math.max(320, Math.round(node.clientWidth || 640)), row = 22, L = 160, H = items.length * row + 4;
     var svg = el("svg", { viewBox: "0 0 " + W + " " + H, class: "svg-chart", "aria-hidden": "true" });
     items.forEach(function (it, i) {
       var y = 2 + i * row, w = (W - L - 60) * it[1] / max;

@@ -3,11 +3,13 @@
 //! key and see it skipped, log out. Screenshots of each page go to `target/dashboard-screenshots/`.
 
 use std::net::TcpListener;
+use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use fantoccini::{Client, ClientBuilder, Locator};
+use futures::FutureExt;
 use serde_json::{Value, json};
 
 use crate::helpers::{ADMIN, ADMIN_PASSWORD, TestApp, spawn_app};
@@ -102,7 +104,20 @@ fn shots_dir() -> PathBuf {
     dir
 }
 
+/// Saves a screenshot of the top of the page.
 async fn shot(c: &Client, name: &str) {
+    let _ = c.execute("window.scrollTo(0, 0);", vec![]).await;
+    save_shot(c, name).await;
+}
+
+/// Saves a screenshot with an element scrolled into view.
+async fn shot_at(c: &Client, name: &str, css: &str) {
+    let script = "document.querySelector(arguments[0]).scrollIntoView({block: 'start'});";
+    let _ = c.execute(script, vec![json!(css)]).await;
+    save_shot(c, name).await;
+}
+
+async fn save_shot(c: &Client, name: &str) {
     let png = c.screenshot().await.expect("screenshot");
     assert!(png.starts_with(b"\x89PNG"), "a PNG");
     std::fs::write(shots_dir().join(format!("{name}.png")), png).expect("write screenshot");
@@ -186,13 +201,18 @@ async fn the_whole_dashboard_flow_in_chromium() {
     let driver = start_driver().await;
     let profile = tempfile::tempdir().expect("profile dir");
     let c = start_browser(&driver, profile.path()).await;
-    let result = flow(&app, &upstream, &c).await;
-    if result.is_err() {
+    let result = AssertUnwindSafe(flow(&app, &upstream, &c))
+        .catch_unwind()
+        .await;
+    if !matches!(result, Ok(Ok(()))) {
         // Keep a picture of where it stopped.
-        let _ = shot(&c, "zz-failure").await;
+        save_shot(&c, "zz-failure").await;
     }
     let _ = c.close().await;
-    result.expect("dashboard flow");
+    match result {
+        Ok(r) => r.expect("dashboard flow"),
+        Err(panic) => std::panic::resume_unwind(panic),
+    }
 }
 
 async fn flow(
@@ -277,7 +297,7 @@ async fn flow(
         .await
         .map_err(|e| e.to_string())?;
     assert_eq!(invalid.as_deref(), Some("true"));
-    shot(c, "05-pool-config-error").await;
+    shot_at(c, "05-pool-config-error", "#config").await;
     let token = app.token(ADMIN, ADMIN_PASSWORD).await;
     let (_, cfg) = app.api_get(&token, "/pools/prices/config").await;
     assert_eq!(cfg["pool_config"], Value::Null, "nothing saved: {cfg}");
@@ -333,6 +353,7 @@ async fn flow(
     assert!(more.iter().all(|s| *s == 200), "{more:?}");
     wait_text(c, "#stat-calls", "15").await;
     shot(c, "06-pool-after-calls").await;
+    shot_at(c, "06b-pool-logs", "#logs").await;
 
     // ---- disable a key and see it skipped ----
     click(

@@ -5,6 +5,7 @@
 //! (`apt-get install -y --no-install-recommends chromium chromium-driver`); it fails with that
 //! message when they are missing. Screenshots land in `target/dashboard-screenshots/`.
 
+mod actions;
 mod browser;
 mod helpers;
 mod http;
