@@ -16,7 +16,7 @@ DUR=${1:-10}
 ROOT=$(cd "$(dirname "$0")/../../.." && pwd)
 cd "$ROOT"
 cargo build --release --workspace --bins >&2
-BIN="$ROOT/target/release"
+BIN="${CARGO_TARGET_DIR:-$ROOT/target}/release"
 TMP=$(mktemp -d)
 PIDS=()
 cleanup() {

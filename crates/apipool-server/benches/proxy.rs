@@ -118,7 +118,7 @@ fn latency(c: &mut Criterion) {
     let mut g = c.benchmark_group("proxy");
     g.sample_size(200);
     g.bench_function("direct GET /price (mock alone)", |b| {
-        b.iter(|| rt.block_on(get_ok(&s.client, &direct, None)))
+        b.iter(|| rt.block_on(get_ok(&s.client, &direct, Some("bench-proxy-key-0"))))
     });
     g.bench_function("GET /proxy/{pool}/http/price", |b| {
         b.iter(|| rt.block_on(get_ok(&s.client, &via_http, Some(&s.token))))

@@ -39,8 +39,6 @@ use crate::vault::{self, Sealed, Vault, key_aad_id};
 pub const RESYNC_INTERVAL: Duration = Duration::from_secs(30);
 /// How long a user's "active" flag is trusted on the proxy routes.
 pub const USER_CACHE_TTL: Duration = Duration::from_secs(1);
-/// The primary key of the placeholder the builder needs (removed right after building).
-const PLACEHOLDER: &str = "\u{0}apipool-placeholder";
 
 tokio::task_local! {
     static CALL_LABEL: Arc<str>;
@@ -51,15 +49,45 @@ pub async fn with_label<F: Future>(label: Arc<str>, f: F) -> F::Output {
     CALL_LABEL.scope(label, f).await
 }
 
-/// The stats sink of every live pool: the collector, plus the call's label from the task.
-struct LabelSink(StatsCollector);
+/// How often events gathered by the pools' sink are handed to the collector.
+pub const STATS_HANDOVER_EVERY: Duration = Duration::from_millis(20);
+/// Events the sink gathers before it hands them over at once, whatever the time.
+const STATS_HANDOVER_AT: usize = 4096;
+
+/// The stats sink of every live pool: events get the call's label from the task, and are
+/// handed to the collector in bulk every [`STATS_HANDOVER_EVERY`]. (The collector's writer
+/// commits one transaction per wake-up; under a steady stream of single events that is one
+/// small transaction after another, which costs the proxy more CPU than the calls themselves.
+/// Handing events over in bulk lets it write a few large transactions instead.)
+struct LabelSink {
+    collector: StatsCollector,
+    gathered: parking_lot::Mutex<Vec<CallEvent>>,
+}
+
+impl LabelSink {
+    /// Hands every gathered event to the collector (which never drops one).
+    fn hand_over(&self) {
+        let events = std::mem::take(&mut *self.gathered.lock());
+        for e in events {
+            self.collector.record(e);
+        }
+    }
+}
 
 impl StatsSink for LabelSink {
     fn record(&self, mut event: CallEvent) {
         if event.method.is_none() {
             event.method = CALL_LABEL.try_with(Arc::clone).ok();
         }
-        self.0.record(event);
+        let mut gathered = self.gathered.lock();
+        gathered.push(event);
+        if gathered.len() >= STATS_HANDOVER_AT {
+            let events = std::mem::take(&mut *gathered);
+            drop(gathered);
+            for e in events {
+                self.collector.record(e);
+            }
+        }
     }
 }
 
@@ -269,6 +297,8 @@ impl apipool::Clock for SharedEngineClock {
 }
 
 type ByName = HashMap<String, HashMap<String, Arc<LivePool>>>;
+/// Access tokens verified before: token → (user id, expiry in unix seconds).
+type TokenCache = HashMap<Box<str>, (Arc<str>, i64)>;
 
 /// The registry of live pool engines (see the module docs).
 pub struct Engines {
@@ -282,6 +312,7 @@ pub struct Engines {
     by_name: RwLock<ByName>,
     building: parking_lot::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     users: RwLock<HashMap<String, (bool, Instant)>>,
+    tokens: RwLock<TokenCache>,
 }
 
 impl std::fmt::Debug for Engines {
@@ -315,7 +346,10 @@ impl Engines {
         let stats = StatsCollector::aopen_with(
             database_url,
             // The stats handlers flush once per request themselves.
+            // Events wait up to 50 ms to form larger batches (one transaction each): under load
+            // that is most of the writer's cost. Queries flush first, so they never miss one.
             StatsConfig::default()
+                .linger(Duration::from_millis(50))
                 .shutdown_timeout(Duration::from_secs(10))
                 .flush_before_query(false),
         )
@@ -331,7 +365,10 @@ impl Engines {
         Ok(Self {
             db,
             vault,
-            sink: Arc::new(LabelSink(stats.clone())),
+            sink: Arc::new(LabelSink {
+                collector: stats.clone(),
+                gathered: parking_lot::Mutex::new(Vec::new()),
+            }),
             stats,
             http,
             clock: RwLock::new(Arc::new(apipool::SystemClock)),
@@ -339,12 +376,20 @@ impl Engines {
             by_name: RwLock::new(HashMap::new()),
             building: parking_lot::Mutex::new(HashMap::new()),
             users: RwLock::new(HashMap::new()),
+            tokens: RwLock::new(HashMap::new()),
         })
     }
 
-    /// The statistics collector (events of every pool; `pool` = the pool's row id).
+    /// The statistics collector (events of every pool; `pool` = the pool's row id). Call
+    /// [`Self::flush_stats`] first to see every call made so far.
     pub fn stats(&self) -> &StatsCollector {
         &self.stats
+    }
+
+    /// Makes every event recorded so far visible to the collector's queries.
+    pub async fn flush_stats(&self) -> Result<(), apipool::stats::StatsError> {
+        self.sink.hand_over();
+        self.stats.aflush().await
     }
 
     /// The shared upstream HTTP client (connection pooling, no redirects).
@@ -360,6 +405,7 @@ impl Engines {
 
     /// Flushes the statistics and stops the writer.
     pub async fn close(&self) {
+        self.sink.hand_over();
         if let Err(e) = self.stats.aclose().await {
             tracing::warn!(error = %e, "closing the statistics collector lost events");
         }
@@ -405,6 +451,23 @@ impl Engines {
             ));
         }
         Ok(())
+    }
+
+    /// The user of an access token this registry verified before and that has not expired at
+    /// `now` (unix seconds): the proxy's hot path skips decoding and checking the signature again.
+    pub fn verified_token(&self, token: &str, now: i64) -> Option<Arc<str>> {
+        let tokens = self.tokens.read();
+        let (user, exp) = tokens.get(token)?;
+        (*exp > now).then(|| user.clone())
+    }
+
+    /// Remembers a token whose signature was verified (see [`Self::verified_token`]).
+    pub fn remember_token(&self, token: &str, user: &str, exp: i64) {
+        let mut tokens = self.tokens.write();
+        if tokens.len() >= 10_000 {
+            tokens.clear();
+        }
+        tokens.insert(Box::from(token), (Arc::from(user), exp));
     }
 
     /// The live engine of `user`'s pool `identifier` (built on first use); 404 when the user
@@ -472,20 +535,10 @@ impl Engines {
             .ok_or_else(|| ApiError::NotFound("pool not found".to_owned()))?;
         let user_id: String = row.try_get("user_id")?;
         let identifier: String = row.try_get("identifier")?;
-        let placeholder = ServerKey {
-            id: PLACEHOLDER.to_owned(),
-            identifier: String::new(),
-            weight: 1,
-            material: Arc::new(ArcSwap::from_pointee(KeyMaterial::new(
-                SecretString::from(String::new()),
-                None,
-            ))),
-        };
-        // The builder refuses an empty key list; a pool may well have no members yet, so the
-        // engine starts with a placeholder that is removed at once (never leased).
         let clock = self.clock.read().clone();
+        // A pool may well have no members yet: its engine starts empty.
         let manager = ApiKeyManager::builder()
-            .keys([placeholder])
+            .allow_empty(true)
             .stats(self.sink.clone())
             .name(id.to_owned())
             .clock(SharedEngineClock(clock.clone()))
@@ -493,9 +546,6 @@ impl Engines {
             .map_err(|e| {
                 ApiError::Internal(anyhow::anyhow!("cannot build the pool engine: {e}"))
             })?;
-        manager
-            .remove_one(PLACEHOLDER)
-            .map_err(|e| ApiError::Internal(anyhow::anyhow!("{e}")))?;
         let pool = Arc::new(LivePool {
             id: id.to_owned(),
             user_id,
@@ -592,8 +642,24 @@ impl Engines {
         }
     }
 
-    /// Re-syncs all live pools every [`RESYNC_INTERVAL`] until `token` is cancelled.
-    pub fn spawn_resync(self: &Arc<Self>, token: CancellationToken) {
+    /// Starts the background work until `token` is cancelled: statistics handed to the
+    /// collector every [`STATS_HANDOVER_EVERY`], live pools re-synced every [`RESYNC_INTERVAL`].
+    pub fn spawn_background(self: &Arc<Self>, token: CancellationToken) {
+        let weak = Arc::downgrade(self);
+        let stats_token = token.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(STATS_HANDOVER_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    () = stats_token.cancelled() => break,
+                    _ = tick.tick() => {
+                        let Some(engines) = weak.upgrade() else { break };
+                        engines.sink.hand_over();
+                    }
+                }
+            }
+        });
         let weak = Arc::downgrade(self);
         tokio::spawn(async move {
             loop {

@@ -163,7 +163,7 @@ impl Application {
                 }
             }
         });
-        self.state.engines.spawn_resync(token.clone());
+        self.state.engines.spawn_background(token.clone());
         let engines = self.state.engines.clone();
         let router = app(self.state);
         let result = axum::serve(

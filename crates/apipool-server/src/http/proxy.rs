@@ -39,6 +39,9 @@ use crate::proxy::{OpError, Outgoing};
 
 /// Largest request body the transparent route buffers (it is kept to retry on another key).
 pub const MAX_REQUEST_BODY: usize = 10 * 1024 * 1024;
+/// Upstream answers of at most this many bytes (with a known length) are returned whole by the
+/// transparent route; larger ones stream.
+const BUFFER_RESPONSE_UP_TO: u64 = 64 * 1024;
 /// Largest upstream answer `invoke` buffers (it is returned inside JSON).
 pub const MAX_INVOKE_RESPONSE: usize = 32 * 1024 * 1024;
 
@@ -84,13 +87,22 @@ impl FromRequestParts<AppState> for ProxyCaller {
             .ok_or_else(|| {
                 ApiError::Unauthorized("expected `Authorization: Bearer <access_token>`".to_owned())
             })?;
-        let claims = state
-            .tokens
-            .verify(token.trim())
-            .map_err(|e| ApiError::Unauthorized(e.to_string()))?;
-        state.engines.check_user_active(&claims.sub).await?;
+        let token = token.trim();
+        let now = state.clock.now().unix_timestamp();
+        let user_id = match state.engines.verified_token(token, now) {
+            Some(user) => user,
+            None => {
+                let claims = state
+                    .tokens
+                    .verify(token)
+                    .map_err(|e| ApiError::Unauthorized(e.to_string()))?;
+                state.engines.remember_token(token, &claims.sub, claims.exp);
+                Arc::from(claims.sub)
+            }
+        };
+        state.engines.check_user_active(&user_id).await?;
         Ok(Self {
-            user_id: claims.sub,
+            user_id: user_id.to_string(),
         })
     }
 }
@@ -712,7 +724,16 @@ async fn http_inner(
     let resp = result.map_err(|e| call_error(e, &view))?;
     let status = resp.status();
     let headers = forward_response_headers(resp.headers());
-    let mut r = Response::new(Body::from_stream(resp.bytes_stream()));
+    // Small answers of known length go back in one piece (one write, no chunked framing);
+    // others stream.
+    let body = match resp.content_length() {
+        Some(n) if n <= BUFFER_RESPONSE_UP_TO => match resp.bytes().await {
+            Ok(b) => Body::from(b),
+            Err(e) => return Err(ProxyError::Upstream(describe(&e.without_url()))),
+        },
+        _ => Body::from_stream(resp.bytes_stream()),
+    };
+    let mut r = Response::new(body);
     *r.status_mut() = status;
     *r.headers_mut() = headers;
     Ok(r)

@@ -74,9 +74,8 @@ async fn own_pool(state: &AppState, user: &AuthUser, identifier: &str) -> ApiRes
 
 /// Makes every event recorded before this request visible to its queries.
 async fn flushed(state: &AppState) -> ApiResult<&apipool::stats::StatsCollector> {
-    let stats = state.engines.stats();
-    stats.aflush().await.map_err(stats_error)?;
-    Ok(stats)
+    state.engines.flush_stats().await.map_err(stats_error)?;
+    Ok(state.engines.stats())
 }
 
 fn status_map(c: &StatusCounts) -> BTreeMap<String, u64> {

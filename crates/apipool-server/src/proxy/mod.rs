@@ -144,10 +144,12 @@ impl Outgoing {
             }
             AuthPlacement::Query(_) => {}
         }
-        let mut rb = client
-            .request(self.method.clone(), url)
-            .timeout(view.timeout)
-            .headers(headers);
+        let mut rb = client.request(self.method.clone(), url).headers(headers);
+        if !self.key_base_first {
+            // The transparent route streams large answers after the engine's own per-call
+            // timeout has ended; the request's timeout covers the body too.
+            rb = rb.timeout(view.timeout);
+        }
         if let Some(b) = &self.body {
             rb = rb.body(b.clone());
         }
