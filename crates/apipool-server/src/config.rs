@@ -49,6 +49,27 @@ pub struct Config {
     pub vault_poll_secs: u64,
     /// Maximum rows in one `/keys/import` request.
     pub import_max_rows: usize,
+    /// `redis://HOST:PORT[/DB]`: keep every pool's key state (rate-limit windows, in-flight
+    /// leases, cooldowns, bans) in Redis, so several replicas share the limits. `None`: each
+    /// process keeps its own state.
+    pub redis_url: Option<String>,
+    /// First part of every Redis key; a pool's state lives under `{redis_prefix}:{pool row id}`.
+    pub redis_prefix: String,
+    /// What the proxy does while Redis cannot be reached.
+    pub redis_on_unavailable: RedisFailMode,
+}
+
+/// What the proxy does while Redis cannot be reached (`APIPOOL_REDIS_ON_UNAVAILABLE`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum RedisFailMode {
+    /// Refuse proxy calls (503 with `Retry-After`) until Redis is back: limits shared by the
+    /// replicas are never overdrawn. The default.
+    #[default]
+    Closed,
+    /// Serve proxy calls from this replica's own state, with a warning: the service stays up, but
+    /// N replicas may together spend up to N times a key's limit meanwhile.
+    Open,
 }
 
 impl Default for Config {
@@ -70,6 +91,9 @@ impl Default for Config {
             db_max_connections: 10,
             vault_poll_secs: 5,
             import_max_rows: 10_000,
+            redis_url: None,
+            redis_prefix: "apipool".to_owned(),
+            redis_on_unavailable: RedisFailMode::Closed,
         }
     }
 }
@@ -88,6 +112,26 @@ impl Config {
         self.database_url
             .clone()
             .unwrap_or_else(|| crate::db::Db::sqlite_url(&self.data_dir.join("apipool.db")))
+    }
+
+    /// Checks the settings that cannot be checked field by field.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if let Some(url) = &self.redis_url {
+            let scheme = url.split_once("://").map(|(s, _)| s);
+            anyhow::ensure!(
+                matches!(scheme, Some("redis" | "rediss" | "redis+unix" | "unix")),
+                "redis_url must be a redis:// (or rediss://) URL, e.g. redis://127.0.0.1:6379"
+            );
+        }
+        anyhow::ensure!(
+            !self.redis_prefix.is_empty()
+                && self
+                    .redis_prefix
+                    .bytes()
+                    .all(|b| b.is_ascii_graphic() && b != b'{' && b != b'}'),
+            "redis_prefix must be non-empty printable ASCII without spaces or braces"
+        );
+        Ok(())
     }
 
     /// The master key file in effect (when no key is given in the environment).
@@ -140,6 +184,21 @@ pub struct ServeArgs {
     #[arg(long, env = "APIPOOL_ACCESS_TOKEN_TTL_SECS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub access_token_ttl_secs: Option<u64>,
+    /// Redis shared by the replicas: redis://HOST:PORT[/DB]. Every pool's key state (limits,
+    /// leases, cooldowns, bans) then lives there, so replicas on one database behave as one
+    /// server [default: none, state per process]
+    #[arg(long, env = "APIPOOL_REDIS_URL")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis_url: Option<String>,
+    /// While Redis is unreachable: `closed` refuses proxy calls (503), `open` serves them from
+    /// this process's own state with a warning [default: closed]
+    #[arg(long, env = "APIPOOL_REDIS_ON_UNAVAILABLE", value_enum)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis_on_unavailable: Option<RedisFailMode>,
+    /// Prefix of every Redis key (deployments sharing one Redis need different ones) [default: apipool]
+    #[arg(long, env = "APIPOOL_REDIS_PREFIX")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis_prefix: Option<String>,
     /// Storage options.
     #[command(flatten)]
     #[serde(flatten)]
@@ -163,6 +222,7 @@ impl StorageArgs {
             .merge(Serialized::defaults(overrides))
             .extract()
             .context("invalid configuration")?;
+        config.validate().context("invalid configuration")?;
         config.master_key = std::env::var("APIPOOL_MASTER_KEY")
             .ok()
             .filter(|s| !s.trim().is_empty())
@@ -208,6 +268,72 @@ mod tests {
         assert!(c.open_registration);
         assert_eq!(c.access_token_ttl_secs, 120);
         assert_eq!(c.data_dir, PathBuf::from("data"));
+    }
+
+    #[test]
+    fn redis_settings_from_toml_and_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let toml = dir.path().join("apipool.toml");
+        std::fs::write(
+            &toml,
+            "redis_url = \"redis://10.0.0.5:6379/2\"\nredis_on_unavailable = \"open\"\n",
+        )
+        .unwrap();
+        let from_toml = ServeArgs {
+            storage: StorageArgs {
+                config_file: Some(toml.clone()),
+                ..StorageArgs::default()
+            },
+            ..ServeArgs::default()
+        }
+        .load()
+        .unwrap();
+        assert_eq!(
+            from_toml.redis_url.as_deref(),
+            Some("redis://10.0.0.5:6379/2")
+        );
+        assert_eq!(from_toml.redis_on_unavailable, RedisFailMode::Open);
+        assert_eq!(from_toml.redis_prefix, "apipool");
+
+        let flags = ServeArgs {
+            redis_url: Some("redis://127.0.0.1:6379".to_owned()),
+            redis_on_unavailable: Some(RedisFailMode::Closed),
+            redis_prefix: Some("team-a".to_owned()),
+            storage: StorageArgs {
+                config_file: Some(toml),
+                ..StorageArgs::default()
+            },
+            ..ServeArgs::default()
+        }
+        .load()
+        .unwrap();
+        assert_eq!(flags.redis_url.as_deref(), Some("redis://127.0.0.1:6379"));
+        assert_eq!(flags.redis_on_unavailable, RedisFailMode::Closed);
+        assert_eq!(flags.redis_prefix, "team-a");
+
+        let defaults = ServeArgs::default().load().unwrap();
+        assert_eq!(defaults.redis_url, None);
+        assert_eq!(defaults.redis_on_unavailable, RedisFailMode::Closed);
+    }
+
+    #[test]
+    fn bad_redis_settings_are_refused_with_a_reason() {
+        for (url, prefix) in [
+            (Some("http://127.0.0.1:6379"), None),
+            (Some("127.0.0.1:6379"), None),
+            (None, Some("has space")),
+            (None, Some("")),
+        ] {
+            let err = ServeArgs {
+                redis_url: url.map(str::to_owned),
+                redis_prefix: prefix.map(str::to_owned),
+                ..ServeArgs::default()
+            }
+            .load()
+            .expect_err("refused");
+            let text = format!("{err:#}");
+            assert!(text.contains("redis"), "{text}");
+        }
     }
 
     #[test]

@@ -7,8 +7,10 @@
 //! * The pool and key handlers call [`Engines::pool_changed`], [`Engines::pool_deleted`] and
 //!   [`Engines::keys_changed`] after their change is committed. Each one re-reads the pool and
 //!   reconciles the engine by difference (add/remove keys, swap rotated secrets, apply
-//!   disable/archive, config, strategy, upstream) — nothing is rebuilt. A background task does the
-//!   same every [`RESYNC_INTERVAL`] for changes made by other replicas.
+//!   disable/archive, config, strategy, upstream) — nothing is rebuilt. On PostgreSQL each change
+//!   is also announced to the other replicas, whose live engines apply it at once (see
+//!   [`crate::replicas`]); a background task re-syncs every live pool every [`RESYNC_INTERVAL`]
+//!   as well, in case an announcement was missed.
 //! * Keys are identified in the engine by their row id (never the raw key); statistics name them
 //!   by their identifier and the pool by its row id, through one [`StatsCollector`] writing into
 //!   the server's own database.
@@ -30,12 +32,14 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use url::Url;
 
-use crate::db::Db;
+use crate::db::{Db, DbKind};
 use crate::http::error::{ApiError, ApiResult};
 use crate::proxy::target::{Upstream, parse_base_url};
+use crate::replicas::{self, Change};
 use crate::vault::{self, Sealed, Vault, key_aad_id};
 
-/// How often live pools are re-read from the database (changes by other replicas).
+/// How often live pools are re-read from the database (a safety net: other replicas' changes are
+/// announced and applied at once, see [`crate::replicas`]).
 pub const RESYNC_INTERVAL: Duration = Duration::from_secs(30);
 /// How long a user's "active" flag is trusted on the proxy routes.
 pub const USER_CACHE_TTL: Duration = Duration::from_secs(1);
@@ -313,6 +317,12 @@ pub struct Engines {
     building: parking_lot::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     users: RwLock<HashMap<String, (bool, Instant)>>,
     tokens: RwLock<TokenCache>,
+    /// Where the database is (the replicas' change listener opens its own connection).
+    database_url: String,
+    /// This process's name in change announcements (its own are skipped).
+    replica: String,
+    /// Pools whose build was under way when another replica announced a change to them.
+    changed_while_building: parking_lot::Mutex<std::collections::HashSet<String>>,
 }
 
 impl std::fmt::Debug for Engines {
@@ -377,6 +387,9 @@ impl Engines {
             building: parking_lot::Mutex::new(HashMap::new()),
             users: RwLock::new(HashMap::new()),
             tokens: RwLock::new(HashMap::new()),
+            database_url: database_url.to_owned(),
+            replica: uuid::Uuid::new_v4().simple().to_string(),
+            changed_while_building: parking_lot::Mutex::new(std::collections::HashSet::new()),
         })
     }
 
@@ -431,10 +444,20 @@ impl Engines {
                 ))
             };
         }
-        let active: Option<i64> = sqlx::query_scalar("SELECT is_active FROM users WHERE id = $1")
+        let found = sqlx::query_scalar("SELECT is_active FROM users WHERE id = $1")
             .bind(user_id.to_owned())
             .fetch_optional(&self.db.pool)
-            .await?;
+            .await;
+        let active: Option<i64> = match (found, cached) {
+            (Ok(active), _) => active,
+            // The database is down: keep answering from what was known (the proxy itself does not
+            // need the database) and ask again after another TTL.
+            (Err(e), Some((active, _))) if crate::db::is_unavailable(&e) => {
+                tracing::debug!(error = %e, "users table unavailable; using the cached account state");
+                Some(i64::from(active))
+            }
+            (Err(e), _) => return Err(e.into()),
+        };
         let Some(active) = active else {
             self.users.write().remove(user_id);
             return Err(ApiError::Unauthorized("invalid access token".to_owned()));
@@ -519,11 +542,22 @@ impl Engines {
         if let Some(p) = live {
             return Ok(p);
         }
-        let result = self.build(id).await;
-        self.building.lock().remove(id);
-        let pool = result?;
+        let pool = match self.build(id).await {
+            Ok(p) => p,
+            Err(e) => {
+                self.building.lock().remove(id);
+                self.changed_while_building.lock().remove(id);
+                return Err(e);
+            }
+        };
         self.by_id.write().insert(id.to_owned(), pool.clone());
         self.index(&pool);
+        // Live first, then no longer building: a change announced in between is not lost.
+        self.building.lock().remove(id);
+        if self.changed_while_building.lock().remove(id) {
+            // The build may have read the rows just before another replica's change.
+            self.reconcile(&pool).await?;
+        }
         Ok(pool)
     }
 
@@ -588,11 +622,23 @@ impl Engines {
         }
     }
 
-    /// Re-reads a live pool and reconciles its engine (no-op when the pool is not live). Call
-    /// after a change to the pool row or its members is committed. Never fails: an error is
-    /// logged and the pool re-syncs on its next use.
+    /// Re-reads a live pool and reconciles its engine (no-op when the pool is not live), and
+    /// tells the other replicas to do the same. Call after a change to the pool row or its
+    /// members is committed. Never fails: an error is logged and the pool re-syncs on its next use.
     pub async fn pool_changed(&self, pool_id: &str) {
-        let Some(pool) = self.by_id.read().get(pool_id).cloned() else {
+        self.announce(Change::Pool(pool_id.to_owned())).await;
+        self.refresh_pool(pool_id).await;
+    }
+
+    /// Re-reads one live pool (this replica only).
+    async fn refresh_pool(&self, pool_id: &str) {
+        let live = self.by_id.read().get(pool_id).cloned();
+        let Some(pool) = live else {
+            if self.building.lock().contains_key(pool_id) {
+                self.changed_while_building
+                    .lock()
+                    .insert(pool_id.to_owned());
+            }
             return;
         };
         match self.reconcile(&pool).await {
@@ -606,7 +652,8 @@ impl Engines {
         }
     }
 
-    /// Drops the live engine of `user`'s pool `identifier` (after the pool was deleted).
+    /// Drops the live engine of `user`'s pool `identifier` (after the pool was deleted), here
+    /// and (announced in the background) on the other replicas.
     pub fn pool_deleted(&self, user_id: &str, identifier: &str) {
         let id = self
             .by_name
@@ -617,11 +664,26 @@ impl Engines {
         if let Some(id) = id {
             self.forget(&id);
         }
+        // The other replicas re-read this user's live pools and drop the deleted one.
+        if let Some(announce) = self.announcement(&Change::User(user_id.to_owned())) {
+            tokio::spawn(announce);
+        }
     }
 
     /// Re-syncs every live pool of `user` (after one of the user's keys was changed, rotated,
-    /// disabled, archived or deleted).
+    /// disabled, archived or deleted), here and on the other replicas.
     pub async fn keys_changed(&self, user_id: &str) {
+        self.announce(Change::User(user_id.to_owned())).await;
+        self.refresh_user(user_id).await;
+    }
+
+    /// Re-reads every live pool of `user` (this replica only).
+    async fn refresh_user(&self, user_id: &str) {
+        if !self.building.lock().is_empty() {
+            // A pool of this user may be under construction: check it once it is built.
+            let building: Vec<String> = self.building.lock().keys().cloned().collect();
+            self.changed_while_building.lock().extend(building);
+        }
         let pools: Vec<Arc<LivePool>> = self
             .by_id
             .read()
@@ -630,21 +692,72 @@ impl Engines {
             .cloned()
             .collect();
         for p in pools {
-            self.pool_changed(&p.id).await;
+            self.refresh_pool(&p.id).await;
         }
     }
 
-    /// Re-syncs every live pool (changes made by other replicas); drops deleted pools.
+    /// Re-syncs every live pool of this replica (changes made by other replicas); drops deleted
+    /// pools.
     pub async fn resync_all(&self) {
         let ids: Vec<String> = self.by_id.read().keys().cloned().collect();
         for id in ids {
-            self.pool_changed(&id).await;
+            self.refresh_pool(&id).await;
         }
     }
 
+    /// Applies a change another replica announced.
+    pub async fn apply_remote(&self, change: Change) {
+        tracing::debug!(?change, "applying another replica's change");
+        match change {
+            Change::Pool(id) => self.refresh_pool(&id).await,
+            Change::User(id) => self.refresh_user(&id).await,
+        }
+    }
+
+    /// This replica's name in change announcements.
+    pub fn replica_id(&self) -> &str {
+        &self.replica
+    }
+
+    /// Tells the other replicas about a committed change (PostgreSQL only; a failure is logged:
+    /// they pick the change up on their periodic re-sync).
+    async fn announce(&self, change: Change) {
+        if let Some(announce) = self.announcement(&change) {
+            announce.await;
+        }
+    }
+
+    fn announcement(&self, change: &Change) -> Option<impl Future<Output = ()> + use<>> {
+        if self.db.kind != DbKind::Postgres {
+            return None;
+        }
+        let pool = self.db.pool.clone();
+        let payload = change.encode(&self.replica);
+        Some(async move {
+            // `pg_notify` returns `void`, which the Any driver cannot decode: select a constant.
+            let sent = sqlx::query("SELECT 1 AS sent FROM (SELECT pg_notify($1, $2)) AS n")
+                .bind(replicas::CHANNEL)
+                .bind(payload)
+                .execute(&pool)
+                .await;
+            if let Err(e) = sent {
+                tracing::warn!(error = %e, "cannot announce a change to the other replicas; they apply it on their next periodic re-sync");
+            }
+        })
+    }
+
     /// Starts the background work until `token` is cancelled: statistics handed to the
-    /// collector every [`STATS_HANDOVER_EVERY`], live pools re-synced every [`RESYNC_INTERVAL`].
+    /// collector every [`STATS_HANDOVER_EVERY`], live pools re-synced every [`RESYNC_INTERVAL`],
+    /// and (PostgreSQL) the other replicas' changes applied as they are announced.
     pub fn spawn_background(self: &Arc<Self>, token: CancellationToken) {
+        if self.db.kind == DbKind::Postgres {
+            tokio::spawn(replicas::listen(
+                Arc::downgrade(self),
+                self.database_url.clone(),
+                self.replica.clone(),
+                token.clone(),
+            ));
+        }
         let weak = Arc::downgrade(self);
         let stats_token = token.clone();
         tokio::spawn(async move {

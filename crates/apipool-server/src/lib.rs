@@ -22,6 +22,7 @@ pub mod db;
 pub mod engines;
 pub mod http;
 pub mod proxy;
+pub mod replicas;
 pub mod startup;
 pub mod telemetry;
 pub mod vault;

@@ -12,6 +12,7 @@ mod proxy;
 mod proxy_engine;
 mod proxy_helpers;
 mod proxy_security;
+mod replicas;
 mod rotation;
 mod secrets;
 mod stats_api;
