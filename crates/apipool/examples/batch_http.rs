@@ -6,6 +6,10 @@
 //!
 //! Without `--rate/--interval` the pool learns each key's limit from 429s and Retry-After.
 //! `--sync` runs the same batch through the blocking shell (`batch_exec`).
+//!
+//! `--redis redis://127.0.0.1:6379` shares the keys' state on Redis: every process given the same
+//! URL (and `--redis-prefix`) shares the keys' limits, so four processes with `--rate 20 --interval 1`
+//! together stay within 20 calls per second per key. Give each one its own `--id-offset`.
 
 use apipool::http::{HttpClassifier, HttpKey};
 use apipool::{ApiKeyManager, BatchOptions, PoolConfig};
@@ -45,6 +49,15 @@ struct Args {
     /// Print progress to stderr.
     #[arg(long)]
     progress: bool,
+    /// Share the keys' state (limits, leases, cooldowns, bans) with every process on this Redis.
+    #[arg(long)]
+    redis: Option<String>,
+    /// Namespace of the pool's Redis keys (processes sharing a pool use the same one).
+    #[arg(long, default_value = "apipool", requires = "redis")]
+    redis_prefix: String,
+    /// Seconds a lease of a process that died holds its key's place in Redis (default: timeout + 5).
+    #[arg(long, requires = "redis")]
+    lease_ttl: Option<f64>,
 }
 
 type Fetched = (u16, HeaderMap, ());
@@ -60,11 +73,18 @@ fn main() -> anyhow::Result<()> {
         timeout: 30.0,
         ..PoolConfig::default()
     };
-    let pool = ApiKeyManager::builder()
+    let mut builder = ApiKeyManager::builder()
         .keys(args.keys.iter().map(HttpKey::bearer))
         .strategy(apipool::Strategy::LeastUsed)
-        .config(config)
-        .build()?;
+        .config(config);
+    if let Some(url) = &args.redis {
+        let mut redis = apipool::RedisStoreConfig::new(url)?.prefix(args.redis_prefix.as_str());
+        if let Some(ttl) = args.lease_ttl {
+            redis = redis.lease_ttl(Duration::try_from_secs_f64(ttl)?);
+        }
+        builder = builder.name("batch_http").redis(redis);
+    }
+    let pool = builder.build()?;
     let items: Vec<(String, String)> = (args.id_offset..args.id_offset + args.items)
         .map(|i| (format!("item-{i}"), format!("item-{i}")))
         .collect();

@@ -38,6 +38,23 @@ pub enum Error {
     /// Every key is archived or disabled (or the pool is empty): nothing frees up by waiting.
     #[error("no usable key: every key is archived or disabled; restore, enable or add keys")]
     NoUsableKeys,
+    /// The shared key-state store (Redis) cannot be reached and the pool fails closed: no call is
+    /// made until it is back (the pool reconnects by itself).
+    #[error(
+        "the shared key-state store at {endpoint} is unreachable ({reason}); the pool fails closed and makes no calls until it is back: start or reach Redis there, or build the pool with OnUnavailable::FailOpen to fall back to per-process limits"
+    )]
+    StoreUnavailable {
+        /// Where the store is (host and port; never a password).
+        endpoint: String,
+        /// What went wrong, from the client library.
+        reason: String,
+    },
+    /// The shared key-state store's URL or settings are invalid.
+    #[error("invalid shared key-state store settings: {reason}")]
+    InvalidStore {
+        /// What is wrong (the URL itself is not echoed: it may carry a password).
+        reason: String,
+    },
     /// A batch or concurrent run was asked for zero concurrency.
     #[error("concurrency must be at least 1")]
     ZeroConcurrency,

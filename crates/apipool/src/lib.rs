@@ -56,3 +56,5 @@ pub use key::{ApiKey, fingerprint, mask};
 pub use manager::{ApiKeyManager, ApiKeyManagerBuilder, KeyClient, Lease, RetryPolicy};
 pub use outcome::{Classifier, DefaultClassifier, Outcome, ReachLimit};
 pub use status::{CallEvent, CallStatus, StatsSink};
+#[cfg(feature = "redis")]
+pub use store::redis::{OnUnavailable, RedisStoreConfig};

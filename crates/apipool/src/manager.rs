@@ -2,12 +2,12 @@
 
 use crate::clock::{Clock, SystemClock};
 use crate::config::{ConfigError, PoolConfig, RateLimit, Strategy};
-use crate::engine::{Acquire, ArchiveReason, Engine, KeyReport, LeaseToken, Settings};
+use crate::engine::{ArchiveReason, Engine, KeyReport, Settings};
 use crate::error::{CallError, Error};
 use crate::key::ApiKey;
 use crate::outcome::{Classifier, DefaultClassifier, Outcome};
 use crate::status::{CallEvent, CallStatus, StatsSink};
-use crate::store::{KeyChange, KeyStateStore, MemoryStore};
+use crate::store::{Grant, KeyChange, KeyStateStore, MemoryStore, Token};
 use event_listener::{Event, EventListener, Listener};
 use parking_lot::RwLock;
 use std::collections::HashMap;
@@ -170,7 +170,7 @@ impl<K: ApiKey> fmt::Debug for ApiKeyManager<K> {
 pub struct Lease<K: ApiKey> {
     inner: Arc<Inner<K>>,
     entry: Arc<KeyClient<K>>,
-    token: Option<LeaseToken>,
+    token: Option<Token>,
     started: Instant,
     label: Option<Arc<str>>,
 }
@@ -453,7 +453,7 @@ impl<K: ApiKey> ApiKeyManager<K> {
         let slot = self.slot_of(key)?;
         self.inner
             .store
-            .change(slot, change, self.inner.clock.now());
+            .change(slot, change, self.inner.clock.now())?;
         if matches!(change, KeyChange::Enable | KeyChange::Reset) {
             self.inner.released.notify(usize::MAX);
         }
@@ -597,7 +597,7 @@ impl<K: ApiKey> ApiKeyManager<K> {
     fn step(&self, avoid: &[u32], deadline: Option<Instant>) -> Step<K> {
         let now = self.inner.clock.now();
         match self.inner.store.acquire(now, avoid) {
-            Acquire::Granted(token) => {
+            Grant::Granted(token) => {
                 let entry = self
                     .inner
                     .keys
@@ -619,8 +619,10 @@ impl<K: ApiKey> ApiKeyManager<K> {
                     label: None,
                 })
             }
-            Acquire::NoUsableKeys => Step::Fail(Error::NoUsableKeys),
-            Acquire::Wait { until } => match deadline {
+            Grant::NoUsableKeys => Step::Fail(Error::NoUsableKeys),
+            #[cfg(feature = "redis")]
+            Grant::Unavailable(e) => Step::Fail(e),
+            Grant::Wait { until } => match deadline {
                 Some(deadline) if until.is_none_or(|t| t <= deadline) && now < deadline => {
                     Step::Wait(until.map_or(deadline, |t| t.min(deadline)))
                 }
@@ -794,7 +796,8 @@ impl<K: ApiKey> ApiKeyManager<K> {
                 .and_then(Option::as_ref)
                 .is_some_and(|x| Arc::ptr_eq(x, &e));
             if still_here {
-                self.inner.store.change(
+                // Archived here in any case; a shared store that is down is logged by the store.
+                let _ = self.inner.store.change(
                     e.idx,
                     KeyChange::Archive(ArchiveReason::Unusable),
                     self.inner.clock.now(),
@@ -876,6 +879,8 @@ pub struct ApiKeyManagerBuilder<K: ApiKey> {
     seed: Option<u64>,
     name: Option<Arc<str>>,
     allow_empty: bool,
+    #[cfg(feature = "redis")]
+    redis: Option<crate::store::redis::RedisStoreConfig>,
 }
 
 impl<K: ApiKey> Default for ApiKeyManagerBuilder<K> {
@@ -897,6 +902,8 @@ impl<K: ApiKey> Default for ApiKeyManagerBuilder<K> {
             seed: None,
             name: None,
             allow_empty: false,
+            #[cfg(feature = "redis")]
+            redis: None,
         }
     }
 }
@@ -1057,6 +1064,16 @@ impl<K: ApiKey> ApiKeyManagerBuilder<K> {
         self
     }
 
+    /// Shares the pool's key state on Redis (feature `redis`): every process that builds a pool
+    /// with the same Redis URL, prefix and [`name`](Self::name) shares its keys' rate-limit
+    /// windows, leases, cooldowns, bans and hand-made changes, so the configured limits hold
+    /// across processes and hosts. Pools with no name use the name `default`.
+    #[cfg(feature = "redis")]
+    pub fn redis(mut self, config: crate::store::redis::RedisStoreConfig) -> Self {
+        self.redis = Some(config);
+        self
+    }
+
     /// Validates every option and builds the pool.
     pub fn build(self) -> Result<ApiKeyManager<K>, Error> {
         if self.keys.is_empty() && !self.allow_empty {
@@ -1087,6 +1104,19 @@ impl<K: ApiKey> ApiKeyManagerBuilder<K> {
         settings_from_config(&mut settings, &config, limits)?;
         let calls = call_settings_from_config(&config, self.max_refusals)?;
         let store = MemoryStore::new(Engine::new(settings, strategy, self.seed, self.clock.now()));
+        #[cfg(feature = "redis")]
+        let store: Box<dyn KeyStateStore> = match self.redis {
+            Some(conf) => Box::new(crate::store::redis::RedisStore::new(
+                conf,
+                store,
+                self.name.as_deref().unwrap_or("default"),
+                calls.timeout,
+                self.seed,
+            )?),
+            None => Box::new(store),
+        };
+        #[cfg(not(feature = "redis"))]
+        let store: Box<dyn KeyStateStore> = Box::new(store);
         for (name, limits, max_in_flight) in self.scopes {
             store.define_scope(&name, limits, max_in_flight);
         }
@@ -1112,7 +1142,7 @@ impl<K: ApiKey> ApiKeyManagerBuilder<K> {
         };
         let pool = ApiKeyManager {
             inner: Arc::new(Inner {
-                store: Box::new(store),
+                store,
                 keys: RwLock::new(Keys {
                     entries: Vec::new(),
                     by_pk: HashMap::new(),

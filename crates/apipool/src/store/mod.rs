@@ -2,10 +2,14 @@
 //!
 //! The pool talks to its store only through [`KeyStateStore`]. [`MemoryStore`] keeps the pure
 //! [`Engine`] behind one lock for a single process; a shared store (Redis, for pools used by many
-//! processes) implements the same trait with the same rules.
+//! processes, [`redis::RedisStore`]) implements the same trait: its Lua scripts hold the same rules.
+
+#[cfg(feature = "redis")]
+pub(crate) mod redis;
 
 use crate::config::{RateLimit, Strategy};
 use crate::engine::{Acquire, ArchiveReason, Engine, KeyReport, LeaseToken, Settings};
+use crate::error::Error;
 use crate::outcome::Outcome;
 use parking_lot::Mutex;
 use std::collections::HashMap;
@@ -22,6 +26,58 @@ pub(crate) enum KeyChange {
     Reset,
 }
 
+/// Proof of one lease granted by a store; handed back with [`KeyStateStore::report`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Token {
+    /// The slot of the leased key.
+    pub(crate) idx: u32,
+    kind: TokenKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TokenKind {
+    /// Granted by an in-process engine.
+    Local(LeaseToken),
+    /// Granted by a shared store; the number names the lease there.
+    #[cfg(feature = "redis")]
+    Shared(u64),
+}
+
+impl Token {
+    fn local(token: LeaseToken) -> Self {
+        Self {
+            idx: token.idx,
+            kind: TokenKind::Local(token),
+        }
+    }
+}
+
+/// A store's answer to "give me a key".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Grant {
+    Granted(Token),
+    /// Nothing is free now. `until`: the earliest moment a key frees up by time; `None`: only a
+    /// finishing call can free one. Either way a release may come first.
+    Wait {
+        until: Option<Instant>,
+    },
+    /// No key can become free without an administrative action.
+    NoUsableKeys,
+    /// The store cannot decide (a shared store is unreachable and the pool fails closed).
+    #[cfg(feature = "redis")]
+    Unavailable(Error),
+}
+
+impl From<Acquire> for Grant {
+    fn from(a: Acquire) -> Self {
+        match a {
+            Acquire::Granted(t) => Grant::Granted(Token::local(t)),
+            Acquire::Wait { until } => Grant::Wait { until },
+            Acquire::NoUsableKeys => Grant::NoUsableKeys,
+        }
+    }
+}
+
 /// Key state and the decisions made on it. Keys are addressed by the slot the store gave them.
 pub(crate) trait KeyStateStore: Send + Sync + fmt::Debug + 'static {
     /// Adds a key in the active state; returns its slot.
@@ -29,11 +85,11 @@ pub(crate) trait KeyStateStore: Send + Sync + fmt::Debug + 'static {
     /// Removes a key; leases still out on it are ignored when reported.
     fn remove_key(&self, slot: u32);
     /// Grants a lease, or says how long to wait, or that no key can become free.
-    fn acquire(&self, now: Instant, avoid: &[u32]) -> Acquire;
+    fn acquire(&self, now: Instant, avoid: &[u32]) -> Grant;
     /// Takes a lease back with its outcome (`None`: dropped without one).
-    fn report(&self, token: LeaseToken, outcome: Option<Outcome>, now: Instant);
-    /// Applies a hand-made health change.
-    fn change(&self, slot: u32, change: KeyChange, now: Instant);
+    fn report(&self, token: Token, outcome: Option<Outcome>, now: Instant);
+    /// Applies a hand-made health change (a shared store makes it visible to every process).
+    fn change(&self, slot: u32, change: KeyChange, now: Instant) -> Result<(), Error>;
     /// Explains one key.
     fn explain(&self, slot: u32, now: Instant) -> Option<KeyReport>;
     /// Whether a key is archived.
@@ -81,15 +137,20 @@ impl KeyStateStore for MemoryStore {
         self.engine.lock().remove_key(slot);
     }
 
-    fn acquire(&self, now: Instant, avoid: &[u32]) -> Acquire {
-        self.engine.lock().acquire(now, avoid)
+    fn acquire(&self, now: Instant, avoid: &[u32]) -> Grant {
+        self.engine.lock().acquire(now, avoid).into()
     }
 
-    fn report(&self, token: LeaseToken, outcome: Option<Outcome>, now: Instant) {
-        self.engine.lock().report(token, outcome, now);
+    fn report(&self, token: Token, outcome: Option<Outcome>, now: Instant) {
+        match token.kind {
+            TokenKind::Local(t) => self.engine.lock().report(t, outcome, now),
+            // A shared store's lease never reaches its fallback engine.
+            #[cfg(feature = "redis")]
+            TokenKind::Shared(_) => {}
+        }
     }
 
-    fn change(&self, slot: u32, change: KeyChange, now: Instant) {
+    fn change(&self, slot: u32, change: KeyChange, now: Instant) -> Result<(), Error> {
         let mut e = self.engine.lock();
         match change {
             KeyChange::Disable => e.disable(slot),
@@ -97,6 +158,7 @@ impl KeyStateStore for MemoryStore {
             KeyChange::Archive(reason) => e.archive(slot, reason),
             KeyChange::Reset => e.reset(slot, now),
         }
+        Ok(())
     }
 
     fn explain(&self, slot: u32, now: Instant) -> Option<KeyReport> {

@@ -1,0 +1,1005 @@
+//! The Redis key-state store: one pool's key state shared by every process (and host) that builds
+//! the pool with the same Redis URL, prefix and pool name.
+//!
+//! What lives in Redis (see `lua/common.lua` for the key layout): per-key sliding windows of
+//! finished calls, leases in flight scored by expiry (a process that dies leaves leases that expire
+//! after `lease_ttl`), health (cooling/banned until, archived, disabled, consecutive failures) and
+//! quota scopes. The rules are Lua scripts run atomically with Redis `TIME`, so clock skew between
+//! hosts does not matter; Rust only marshals. One acquire and one report are one round trip each
+//! (`EVALSHA`, scripts loaded when the pool is built and reloaded by `redis::Script` on `NOSCRIPT`).
+//!
+//! What stays local: the preference order of the candidates (the pool's strategy, from this
+//! process's own view), the slots, and a full in-process engine used only when Redis is down and
+//! the pool fails open. Limits learned from 429s are not shared: configure limits for pools used by
+//! several processes (cooldowns after a 429 are shared).
+//!
+//! Calls are synchronous on a small pool of blocking connections: the async shell pays one
+//! loopback round trip (~0.1 ms, see `docs/BENCHMARKS.md`) on its worker thread per acquire and
+//! per report, like a short lock.
+
+use super::{Grant, KeyChange, KeyStateStore, MemoryStore, Token, TokenKind};
+use crate::config::{RateLimit, Strategy};
+use crate::engine::{ArchiveReason, CoolReason, KeyReport, KeyState, Settings};
+use crate::error::Error;
+use crate::outcome::Outcome;
+use ::redis::{Client, Connection, RedisError, Script};
+use parking_lot::Mutex;
+use rand::rngs::SmallRng;
+use rand::{RngExt, SeedableRng};
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// What a pool does while its Redis cannot be reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnUnavailable {
+    /// No calls: acquiring a key fails at once with [`Error::StoreUnavailable`] until Redis is
+    /// back. The safe choice when overdrawing a quota costs money or gets keys banned.
+    #[default]
+    FailClosed,
+    /// Carry on with this process's own key state (limits then hold per process, not across the
+    /// fleet), with one warning per outage.
+    FailOpen,
+}
+
+/// Where and how a pool shares its key state on Redis (feature `redis`).
+///
+/// Every process built with the same URL, [`prefix`](Self::prefix) and pool
+/// [`name`](crate::ApiKeyManagerBuilder::name) shares the keys' limits, leases, cooldowns, bans and
+/// hand-made changes.
+///
+/// ```no_run
+/// use apipool::{ApiKeyManager, OnUnavailable, RateLimit, RedisStoreConfig};
+/// # use apipool::ApiKey;
+/// # struct Key(String);
+/// # impl ApiKey for Key {
+/// #     type Client = String;
+/// #     fn primary_key(&self) -> &str { &self.0 }
+/// #     fn create_client(&self) -> String { self.0.clone() }
+/// # }
+/// # fn main() -> Result<(), apipool::Error> {
+/// let pool = ApiKeyManager::builder()
+///     .name("coingecko")
+///     .keys((0..10).map(|i| Key(format!("secret-{i}"))))
+///     .rate_limit(RateLimit::per_second(20)?)
+///     .redis(
+///         RedisStoreConfig::new("redis://127.0.0.1:6379")?
+///             .prefix("myapp")
+///             .on_unavailable(OnUnavailable::FailClosed),
+///     )
+///     .build()?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct RedisStoreConfig {
+    client: Client,
+    endpoint: String,
+    prefix: String,
+    lease_ttl: Option<Duration>,
+    on_unavailable: OnUnavailable,
+    connect_timeout: Duration,
+    io_timeout: Duration,
+    retry_interval: Duration,
+    release_poll: Duration,
+    max_idle: usize,
+}
+
+impl fmt::Debug for RedisStoreConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The URL may carry a password: only the endpoint is shown.
+        f.debug_struct("RedisStoreConfig")
+            .field("endpoint", &self.endpoint)
+            .field("prefix", &self.prefix)
+            .field("lease_ttl", &self.lease_ttl)
+            .field("on_unavailable", &self.on_unavailable)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisStoreConfig {
+    /// Parses a Redis URL (`redis://[user:password@]host:port[/db]`, `rediss://` for TLS where the
+    /// client supports it, `unix:///path`). Nothing connects until the pool is built.
+    pub fn new(url: &str) -> Result<Self, Error> {
+        let client = Client::open(url).map_err(|e| Error::InvalidStore {
+            reason: format!(
+                "not a Redis URL ({:?}); expected redis://host:port",
+                e.kind()
+            ),
+        })?;
+        let endpoint = client.get_connection_info().addr().to_string();
+        Ok(Self {
+            client,
+            endpoint,
+            prefix: "apipool".to_owned(),
+            lease_ttl: None,
+            on_unavailable: OnUnavailable::default(),
+            connect_timeout: Duration::from_secs(1),
+            io_timeout: Duration::from_secs(2),
+            retry_interval: Duration::from_millis(500),
+            release_poll: Duration::from_millis(20),
+            max_idle: 32,
+        })
+    }
+
+    /// The namespace of every Redis key the pool writes (default `apipool`): keys are
+    /// `{prefix}:{pool}:key:{identifier}:…`. Use one prefix per application or test.
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// How long a lease lives in Redis if its holder dies without reporting (default: the pool's
+    /// call timeout + 5 s). A lease of a dead process holds its key's place until then.
+    pub fn lease_ttl(mut self, ttl: Duration) -> Self {
+        self.lease_ttl = Some(ttl);
+        self
+    }
+
+    /// What to do while Redis is unreachable (default [`OnUnavailable::FailClosed`]).
+    pub fn on_unavailable(mut self, mode: OnUnavailable) -> Self {
+        self.on_unavailable = mode;
+        self
+    }
+
+    /// How long to wait for a connection to Redis (default 1 s).
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// How long to wait for one Redis answer (default 2 s).
+    pub fn io_timeout(mut self, timeout: Duration) -> Self {
+        self.io_timeout = timeout;
+        self
+    }
+
+    /// After a failure, how long calls skip Redis before the next reconnect attempt (default
+    /// 0.5 s), so an outage costs no connect timeout per call.
+    pub fn retry_interval(mut self, interval: Duration) -> Self {
+        self.retry_interval = interval;
+        self
+    }
+
+    /// When every key waits only for calls of other processes to finish (an in-flight cap), how
+    /// soon to ask again (default 20 ms); releases in this process wake waiters at once.
+    pub fn release_poll(mut self, poll: Duration) -> Self {
+        self.release_poll = poll;
+        self
+    }
+
+    /// The Redis endpoint (host:port), safe to log.
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    fn validate(&self) -> Result<(), Error> {
+        let bad = |reason: &str| {
+            Err(Error::InvalidStore {
+                reason: reason.to_owned(),
+            })
+        };
+        if self.prefix.is_empty() || self.prefix.chars().any(char::is_whitespace) {
+            return bad("the Redis key prefix must be non-empty and contain no whitespace");
+        }
+        if self.lease_ttl.is_some_and(|t| t < Duration::from_millis(1)) {
+            return bad("lease_ttl must be at least 1 ms");
+        }
+        if self.connect_timeout.is_zero() || self.io_timeout.is_zero() {
+            return bad("Redis connect and I/O timeouts must be positive");
+        }
+        if self.release_poll.is_zero() {
+            return bad("release_poll must be positive");
+        }
+        Ok(())
+    }
+}
+
+/// The scripts, loaded once per process (`redis::Script` keeps the SHA1 and reloads on NOSCRIPT).
+struct Scripts {
+    acquire: Script,
+    report: Script,
+    change: Script,
+    inspect: Script,
+}
+
+macro_rules! lua {
+    ($file:literal) => {
+        Script::new(concat!(
+            include_str!("lua/common.lua"),
+            "\n",
+            include_str!(concat!("lua/", $file))
+        ))
+    };
+}
+
+impl Scripts {
+    fn new() -> Self {
+        Self {
+            acquire: lua!("acquire.lua"),
+            report: lua!("report.lua"),
+            change: lua!("change.lua"),
+            inspect: lua!("inspect.lua"),
+        }
+    }
+}
+
+/// Outcome codes of `report.lua`.
+fn outcome_code(outcome: Option<Outcome>, now: Instant) -> (i64, i64, bool) {
+    let us = |d: Duration| i64::try_from(d.as_micros()).unwrap_or(i64::MAX);
+    match outcome {
+        None => (0, -1, false),
+        Some(Outcome::Success) => (1, -1, false),
+        Some(Outcome::RateLimited {
+            retry_after,
+            scope_wide,
+        }) => (2, retry_after.map_or(-1, us), scope_wide),
+        Some(Outcome::QuotaExhausted { until }) => (
+            3,
+            until.map_or(-1, |t| us(t.saturating_duration_since(now))),
+            false,
+        ),
+        Some(Outcome::InvalidKey) => (4, -1, false),
+        Some(Outcome::Failed | Outcome::Timeout) => (5, -1, false),
+        Some(Outcome::NotKeyRelated) => (6, -1, false),
+    }
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+fn horizon(limits: &[RateLimit]) -> u64 {
+    limits
+        .iter()
+        .map(|l| micros(l.effective_interval()))
+        .max()
+        .unwrap_or(0)
+}
+
+fn push_limits(out: &mut Vec<String>, limits: &[RateLimit]) {
+    out.push(limits.len().to_string());
+    for l in limits {
+        out.push(l.limit().to_string());
+        out.push(micros(l.effective_interval()).to_string());
+    }
+}
+
+#[derive(Debug)]
+struct Slot {
+    id: Arc<str>,
+    weight: u32,
+    scope: Option<usize>,
+    live: bool,
+    gen_: u64,
+    in_flight: u32,
+    last_used: u64,
+}
+
+#[derive(Debug)]
+struct ScopeDef {
+    name: Arc<str>,
+    limits: Vec<RateLimit>,
+    max_in_flight: u32,
+}
+
+/// A lease this process holds in Redis.
+#[derive(Debug)]
+struct Held {
+    slot: u32,
+    gen_: u64,
+    id: Arc<str>,
+    scope: Option<usize>,
+}
+
+/// This process's view: slots, its own leases, the strategy's cursor, the settings it sends.
+#[derive(Debug)]
+struct View {
+    slots: Vec<Slot>,
+    leases: HashMap<u64, Held>,
+    scopes: Vec<ScopeDef>,
+    settings: Settings,
+    strategy: Strategy,
+    next_rr: u32,
+    seq: u64,
+    rng: SmallRng,
+    /// The settings header of acquire/inspect calls (after the lease id), rebuilt on changes.
+    header: Vec<String>,
+}
+
+impl View {
+    fn scope_idx(&mut self, name: &str) -> usize {
+        if let Some(i) = self.scopes.iter().position(|s| &*s.name == name) {
+            return i;
+        }
+        self.scopes.push(ScopeDef {
+            name: Arc::from(name),
+            limits: Vec::new(),
+            max_in_flight: 0,
+        });
+        self.scopes.len() - 1
+    }
+
+    fn rebuild_header(&mut self, ttl: Duration, poll: Duration, base: &str) {
+        let mut h = vec![
+            micros(ttl).to_string(),
+            micros(poll).to_string(),
+            base.to_owned(),
+            self.settings.max_in_flight.to_string(),
+        ];
+        push_limits(&mut h, &self.settings.limits);
+        h.push(self.scopes.len().to_string());
+        for s in &self.scopes {
+            h.push(s.name.to_string());
+            h.push(s.max_in_flight.to_string());
+            push_limits(&mut h, &s.limits);
+        }
+        self.header = h;
+    }
+
+    /// Live slots in this process's order of preference; keys in `avoid` go last (a retry lands
+    /// on another key when one is free, on an avoided one rather than wait).
+    fn order(&mut self, avoid: &[u32]) -> Vec<u32> {
+        let live: Vec<u32> = (0..self.slots.len())
+            .filter(|&i| self.slots[i].live)
+            .map(|i| u32::try_from(i).unwrap_or(u32::MAX))
+            .collect();
+        if live.is_empty() {
+            return live;
+        }
+        let rotate = |mut v: Vec<u32>, start: usize| {
+            v.rotate_left(start);
+            v
+        };
+        let mut order = match self.strategy {
+            Strategy::LeastUsed => {
+                let mut v = live;
+                v.sort_by_key(|&i| {
+                    let s = &self.slots[i as usize];
+                    (s.in_flight, s.last_used)
+                });
+                v
+            }
+            Strategy::RoundRobin => {
+                let start = live.iter().position(|&i| i >= self.next_rr).unwrap_or(0);
+                rotate(live, start)
+            }
+            Strategy::Random => {
+                let start = self.rng.random_range(0..live.len());
+                rotate(live, start)
+            }
+            Strategy::Weighted => {
+                let total: u64 = live
+                    .iter()
+                    .map(|&i| u64::from(self.slots[i as usize].weight))
+                    .sum();
+                let mut r = self.rng.random_range(0..total.max(1));
+                let mut start = 0;
+                for (pos, &i) in live.iter().enumerate() {
+                    let w = u64::from(self.slots[i as usize].weight);
+                    if r < w {
+                        start = pos;
+                        break;
+                    }
+                    r -= w;
+                }
+                rotate(live, start)
+            }
+        };
+        if !avoid.is_empty() {
+            order.sort_by_key(|i| avoid.contains(i));
+        }
+        order
+    }
+}
+
+#[derive(Debug)]
+struct Link {
+    retry_at: Instant,
+    reason: String,
+}
+
+/// The shared store. See the module docs.
+pub(crate) struct RedisStore {
+    fallback: MemoryStore,
+    conf: RedisStoreConfig,
+    base: String,
+    lease_ttl: Duration,
+    scripts: Scripts,
+    conns: Mutex<Vec<Connection>>,
+    down: AtomicBool,
+    link: Mutex<Link>,
+    view: Mutex<View>,
+    owner: String,
+    serial: AtomicU64,
+}
+
+impl fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("endpoint", &self.conf.endpoint)
+            .field("base", &self.base)
+            .field("down", &self.down.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisStore {
+    /// A store for pool `pool`; `fallback` holds the same settings and strategy and serves while
+    /// Redis is down when the pool fails open. Connects and loads the scripts now; an unreachable
+    /// Redis is not an error here (the pool reconnects by itself), only logged.
+    pub(crate) fn new(
+        conf: RedisStoreConfig,
+        fallback: MemoryStore,
+        pool: &str,
+        call_timeout: Duration,
+        seed: Option<u64>,
+    ) -> Result<Self, Error> {
+        conf.validate()?;
+        if pool.is_empty() || pool.chars().any(char::is_whitespace) {
+            return Err(Error::InvalidStore {
+                reason:
+                    "the pool name used in Redis keys must be non-empty and contain no whitespace"
+                        .to_owned(),
+            });
+        }
+        let base = format!("{}:{pool}:", conf.prefix);
+        let lease_ttl = conf
+            .lease_ttl
+            .unwrap_or(call_timeout + Duration::from_secs(5));
+        let settings = fallback.settings();
+        let strategy = fallback.strategy();
+        let rng = SmallRng::seed_from_u64(seed.unwrap_or_else(rand::random));
+        let mut view = View {
+            slots: Vec::new(),
+            leases: HashMap::new(),
+            scopes: Vec::new(),
+            settings,
+            strategy,
+            next_rr: 0,
+            seq: 0,
+            rng,
+            header: Vec::new(),
+        };
+        view.rebuild_header(lease_ttl, conf.release_poll, &base);
+        let store = Self {
+            fallback,
+            base,
+            lease_ttl,
+            scripts: Scripts::new(),
+            conns: Mutex::new(Vec::new()),
+            down: AtomicBool::new(false),
+            link: Mutex::new(Link {
+                retry_at: Instant::now(),
+                reason: String::new(),
+            }),
+            view: Mutex::new(view),
+            owner: format!("{:016x}", rand::random::<u64>()),
+            serial: AtomicU64::new(0),
+            conf,
+        };
+        let scripts = &store.scripts;
+        // Failures are logged (once per outage) and retried on the first call.
+        let _ = store.run(|con| {
+            for s in [
+                &scripts.acquire,
+                &scripts.report,
+                &scripts.change,
+                &scripts.inspect,
+            ] {
+                s.load(con)?;
+            }
+            Ok(())
+        });
+        Ok(store)
+    }
+
+    fn unavailable(&self, reason: &str) -> Error {
+        Error::StoreUnavailable {
+            endpoint: self.conf.endpoint.clone(),
+            reason: reason.to_owned(),
+        }
+    }
+
+    fn connect(&self) -> Result<Connection, RedisError> {
+        let con = self
+            .conf
+            .client
+            .get_connection_with_timeout(self.conf.connect_timeout)?;
+        con.set_read_timeout(Some(self.conf.io_timeout))?;
+        con.set_write_timeout(Some(self.conf.io_timeout))?;
+        Ok(con)
+    }
+
+    fn give_back(&self, con: Connection) {
+        let mut conns = self.conns.lock();
+        if conns.len() < self.conf.max_idle {
+            conns.push(con);
+        }
+    }
+
+    fn mark_down(&self, e: &RedisError) -> Error {
+        let reason = e.to_string();
+        let mut link = self.link.lock();
+        if !self.down.swap(true, Ordering::AcqRel) {
+            let consequence = match self.conf.on_unavailable {
+                OnUnavailable::FailClosed => "fail closed: calls are refused until it is back",
+                OnUnavailable::FailOpen => {
+                    "fail open: using this process's own key state (limits hold per process only) until it is back"
+                }
+            };
+            tracing::warn!(
+                endpoint = %self.conf.endpoint,
+                error = %reason,
+                "the Redis key-state store is unreachable; {consequence}"
+            );
+        }
+        link.retry_at = Instant::now() + self.conf.retry_interval;
+        link.reason.clone_from(&reason);
+        self.unavailable(&reason)
+    }
+
+    fn mark_up(&self) {
+        if self.down.load(Ordering::Acquire) && self.down.swap(false, Ordering::AcqRel) {
+            tracing::info!(endpoint = %self.conf.endpoint, "the Redis key-state store is reachable again");
+        }
+    }
+
+    /// Runs `f` on a pooled connection. A dead pooled connection (Redis restarted) is replaced and
+    /// `f` retried once; other failures mark the store down until `retry_interval` has passed.
+    fn run<T>(&self, f: impl Fn(&mut Connection) -> Result<T, RedisError>) -> Result<T, Error> {
+        if self.down.load(Ordering::Acquire) {
+            let link = self.link.lock();
+            if Instant::now() < link.retry_at {
+                return Err(self.unavailable(&link.reason));
+            }
+        }
+        let pooled = self.conns.lock().pop();
+        let (mut con, was_pooled) = match pooled {
+            Some(c) => (c, true),
+            None => match self.connect() {
+                Ok(c) => (c, false),
+                Err(e) => return Err(self.mark_down(&e)),
+            },
+        };
+        let result = match f(&mut con) {
+            Err(e) if was_pooled && (e.is_io_error() || e.is_connection_dropped()) => {
+                self.conns.lock().clear();
+                match self.connect() {
+                    Ok(c) => {
+                        con = c;
+                        f(&mut con)
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+            r => r,
+        };
+        match result {
+            Ok(v) => {
+                self.give_back(con);
+                self.mark_up();
+                Ok(v)
+            }
+            Err(e) => {
+                if !(e.is_io_error() || e.is_timeout() || e.is_connection_dropped()) {
+                    tracing::error!(endpoint = %self.conf.endpoint, error = %e, "a Redis key-state script failed");
+                }
+                Err(self.mark_down(&e))
+            }
+        }
+    }
+
+    fn fail_open(&self) -> bool {
+        self.conf.on_unavailable == OnUnavailable::FailOpen
+    }
+
+    /// Runs `inspect.lua` on `slots`: one row per slot, and Redis's now.
+    fn inspect(&self, slots: &[u32]) -> Result<(Vec<i64>, Vec<Option<usize>>), Error> {
+        let (args, scopes) = {
+            let view = self.view.lock();
+            let mut args = Vec::with_capacity(view.header.len() + 2 + slots.len() * 2);
+            args.push(String::new());
+            args.extend(view.header.iter().cloned());
+            args.push(slots.len().to_string());
+            let mut scopes = Vec::with_capacity(slots.len());
+            for &k in slots {
+                let s = &view.slots[k as usize];
+                args.push(s.id.to_string());
+                args.push(s.scope.map_or(0, |i| i + 1).to_string());
+                scopes.push(s.scope);
+            }
+            (args, scopes)
+        };
+        let rows: Vec<i64> = self.run(|con| self.scripts.inspect.arg(&args).invoke(con))?;
+        Ok((rows, scopes))
+    }
+
+    fn live_slots(&self) -> Vec<u32> {
+        let view = self.view.lock();
+        (0..view.slots.len())
+            .filter(|&i| view.slots[i].live)
+            .map(|i| u32::try_from(i).unwrap_or(u32::MAX))
+            .collect()
+    }
+
+    /// Reports on `slots` from Redis, or `None` when Redis cannot answer.
+    fn reports(&self, slots: &[u32], now: Instant) -> Option<Vec<KeyReport>> {
+        let (rows, scopes) = self.inspect(slots).ok()?;
+        let redis_now = *rows.last()?;
+        let view = self.view.lock();
+        let mut out = Vec::with_capacity(slots.len());
+        for (i, &k) in slots.iter().enumerate() {
+            let row = rows.get(i * 11..i * 11 + 11)?;
+            let scope = scopes[i].map(|s| view.scopes[s].name.clone());
+            out.push(key_report(
+                view.slots[k as usize].id.clone(),
+                scope,
+                row,
+                redis_now,
+                now,
+                &view.settings,
+            ));
+        }
+        Some(out)
+    }
+}
+
+/// A key's report from its row of `inspect.lua` (11 numbers) and Redis's now.
+fn key_report(
+    identifier: Arc<str>,
+    scope: Option<Arc<str>>,
+    r: &[i64],
+    redis_now: i64,
+    now: Instant,
+    settings: &Settings,
+) -> KeyReport {
+    let (code, wait_until, state, until, reason) = (r[0], r[1], r[2], r[3], r[4]);
+    let count = |v: i64| u64::try_from(v).unwrap_or(0);
+    let at = |us: i64| now + Duration::from_micros(count(us - redis_now));
+    let secs = |us: i64| Duration::from_micros(count(us - redis_now)).as_secs_f64();
+    let state = match state {
+        1 if until > redis_now => KeyState::Cooling {
+            until: at(until),
+            reason: if reason == 1 {
+                CoolReason::QuotaExhausted
+            } else {
+                CoolReason::RateLimited
+            },
+        },
+        2 if until > redis_now => KeyState::Banned { until: at(until) },
+        3 => KeyState::Archived {
+            reason: match reason {
+                0 => ArchiveReason::InvalidKey,
+                1 => ArchiveReason::RateLimited,
+                2 => ArchiveReason::Unusable,
+                _ => ArchiveReason::Manual,
+            },
+        },
+        4 => KeyState::Disabled,
+        _ => KeyState::Active,
+    };
+    let skipped_because = match (code, state) {
+        (0, _) => None,
+        (_, KeyState::Disabled) => Some("disabled by hand".to_owned()),
+        (_, KeyState::Archived { reason }) => Some(match reason {
+            ArchiveReason::InvalidKey => "archived: the upstream refused the key as invalid (401/403); fix or rotate it, then restore".to_owned(),
+            ArchiveReason::RateLimited => "archived on a rate limit (archive_on_rate_limit is on)".to_owned(),
+            ArchiveReason::Unusable => "archived: the usability check failed".to_owned(),
+            ArchiveReason::Manual => "archived by hand".to_owned(),
+        }),
+        (_, KeyState::Cooling { reason: CoolReason::RateLimited, .. }) => Some(format!(
+            "cooling after a rate limit (429); back in {:.3}s",
+            secs(wait_until)
+        )),
+        (_, KeyState::Cooling { .. }) => {
+            Some(format!("quota exhausted; back in {:.3}s", secs(wait_until)))
+        }
+        (_, KeyState::Banned { .. }) => Some(format!(
+            "banned after {} consecutive failures; re-admitted in {:.3}s",
+            settings.ban_threshold,
+            secs(wait_until)
+        )),
+        (_, KeyState::Active) => Some(format!(
+            "its rate-limit window or in-flight limit (or its quota scope's), shared by every process, is full; free again in {:.3}s at the earliest",
+            secs(wait_until)
+        )),
+    };
+    KeyReport {
+        identifier,
+        state,
+        available: code == 0,
+        skipped_because,
+        in_flight: u32::try_from(r[10]).unwrap_or(0),
+        consecutive_failures: u32::try_from(r[5]).unwrap_or(0),
+        calls: count(r[6]),
+        successes: count(r[7]),
+        failures: count(r[8]),
+        rate_limited: count(r[9]),
+        learned_limit: None,
+        scope,
+    }
+}
+
+impl KeyStateStore for RedisStore {
+    fn add_key(&self, id: Arc<str>, weight: u32, scope: Option<&str>, now: Instant) -> u32 {
+        let slot = self.fallback.add_key(id.clone(), weight, scope, now);
+        let mut view = self.view.lock();
+        let scope = scope.map(|s| view.scope_idx(s));
+        let idx = slot as usize;
+        if view.slots.len() <= idx {
+            view.slots.resize_with(idx + 1, || Slot {
+                id: Arc::from(""),
+                weight: 1,
+                scope: None,
+                live: false,
+                gen_: 0,
+                in_flight: 0,
+                last_used: 0,
+            });
+        }
+        let s = &mut view.slots[idx];
+        *s = Slot {
+            id,
+            weight: weight.max(1),
+            scope,
+            live: true,
+            gen_: s.gen_ + 1,
+            in_flight: 0,
+            last_used: 0,
+        };
+        let (ttl, poll) = (self.lease_ttl, self.conf.release_poll);
+        view.rebuild_header(ttl, poll, &self.base);
+        slot
+    }
+
+    fn remove_key(&self, slot: u32) {
+        self.fallback.remove_key(slot);
+        if let Some(s) = self.view.lock().slots.get_mut(slot as usize) {
+            s.live = false;
+        }
+    }
+
+    fn acquire(&self, now: Instant, avoid: &[u32]) -> Grant {
+        let serial = self.serial.fetch_add(1, Ordering::Relaxed);
+        let lease = format!("{}:{serial}", self.owner);
+        let (order, args) = {
+            let mut view = self.view.lock();
+            let order = view.order(avoid);
+            let mut args = Vec::with_capacity(view.header.len() + 2 + order.len() * 2);
+            args.push(lease);
+            args.extend(view.header.iter().cloned());
+            args.push(order.len().to_string());
+            for &k in &order {
+                let s = &view.slots[k as usize];
+                args.push(s.id.to_string());
+                args.push(s.scope.map_or(0, |i| i + 1).to_string());
+            }
+            (order, args)
+        };
+        if order.is_empty() {
+            return Grant::NoUsableKeys;
+        }
+        let answer: Result<Vec<i64>, Error> =
+            self.run(|con| self.scripts.acquire.arg(&args).invoke(con));
+        let answer = match answer {
+            Ok(a) if a.len() == 3 => a,
+            Ok(_) => {
+                return Grant::Unavailable(
+                    self.unavailable("the acquire script answered in an unexpected shape"),
+                );
+            }
+            // The outage was logged once; this process carries on with its own state.
+            Err(_) if self.fail_open() => return self.fallback.acquire(now, avoid),
+            Err(e) => return Grant::Unavailable(e),
+        };
+        match answer[0] {
+            1 => {
+                let pos = usize::try_from(answer[1] - 1).unwrap_or(usize::MAX);
+                let Some(&slot) = order.get(pos) else {
+                    return Grant::Unavailable(
+                        self.unavailable("the acquire script granted an unknown candidate"),
+                    );
+                };
+                let mut view = self.view.lock();
+                view.seq += 1;
+                let seq = view.seq;
+                let s = &mut view.slots[slot as usize];
+                s.in_flight += 1;
+                s.last_used = seq;
+                let held = Held {
+                    slot,
+                    gen_: s.gen_,
+                    id: s.id.clone(),
+                    scope: s.scope,
+                };
+                view.next_rr = slot + 1;
+                view.leases.insert(serial, held);
+                Grant::Granted(Token {
+                    idx: slot,
+                    kind: TokenKind::Shared(serial),
+                })
+            }
+            0 => {
+                let wait = u64::try_from(answer[1] - answer[2]).unwrap_or(0);
+                Grant::Wait {
+                    until: Some(now + Duration::from_micros(wait)),
+                }
+            }
+            _ => Grant::NoUsableKeys,
+        }
+    }
+
+    fn report(&self, token: Token, outcome: Option<Outcome>, now: Instant) {
+        let serial = match token.kind {
+            TokenKind::Shared(serial) => serial,
+            TokenKind::Local(_) => return self.fallback.report(token, outcome, now),
+        };
+        let (held, args) = {
+            let mut view = self.view.lock();
+            let Some(held) = view.leases.remove(&serial) else {
+                return;
+            };
+            if let Some(s) = view
+                .slots
+                .get_mut(held.slot as usize)
+                .filter(|s| s.gen_ == held.gen_)
+            {
+                s.in_flight = s.in_flight.saturating_sub(1);
+            }
+            let (code, dur, scope_wide) = outcome_code(outcome, now);
+            let st = &view.settings;
+            let (scope, scope_horizon) = held.scope.map_or((String::new(), 0), |i| {
+                let sc = &view.scopes[i];
+                (sc.name.to_string(), horizon(&sc.limits))
+            });
+            let args = [
+                self.base.clone(),
+                format!("{}:{serial}", self.owner),
+                held.id.to_string(),
+                scope,
+                code.to_string(),
+                dur.to_string(),
+                horizon(&st.limits).to_string(),
+                scope_horizon.to_string(),
+                st.ban_threshold.to_string(),
+                micros(st.ban_duration).to_string(),
+                micros(st.default_cooldown).to_string(),
+                u8::from(st.archive_on_rate_limit).to_string(),
+                st.scope_refusal_keys.max(1).to_string(),
+                micros(st.scope_refusal_window).to_string(),
+                u8::from(scope_wide).to_string(),
+            ];
+            (held, args)
+        };
+        let done: Result<i64, Error> = self.run(|con| self.scripts.report.arg(&args).invoke(con));
+        if let Err(e) = done {
+            // The lease expires by itself after lease_ttl; the outcome is lost for other processes.
+            tracing::debug!(key = %held.id, error = %e, "a report did not reach Redis");
+        }
+    }
+
+    fn change(&self, slot: u32, change: KeyChange, now: Instant) -> Result<(), Error> {
+        self.fallback.change(slot, change, now)?;
+        let Some(id) = self
+            .view
+            .lock()
+            .slots
+            .get(slot as usize)
+            .filter(|s| s.live)
+            .map(|s| s.id.clone())
+        else {
+            return Ok(());
+        };
+        let (op, reason) = match change {
+            KeyChange::Disable => (1, 0),
+            KeyChange::Enable => (2, 0),
+            KeyChange::Archive(r) => (
+                3,
+                match r {
+                    ArchiveReason::InvalidKey => 0,
+                    ArchiveReason::RateLimited => 1,
+                    ArchiveReason::Unusable => 2,
+                    ArchiveReason::Manual => 3,
+                },
+            ),
+            KeyChange::Reset => (4, 0),
+        };
+        let done: Result<i64, Error> = self.run(|con| {
+            self.scripts
+                .change
+                .arg(&self.base)
+                .arg(&*id)
+                .arg(op)
+                .arg(reason)
+                .invoke(con)
+        });
+        match done {
+            Ok(_) => Ok(()),
+            Err(_) if self.fail_open() => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn explain(&self, slot: u32, now: Instant) -> Option<KeyReport> {
+        let live = self
+            .view
+            .lock()
+            .slots
+            .get(slot as usize)
+            .is_some_and(|s| s.live);
+        if !live {
+            return None;
+        }
+        match self.reports(&[slot], now) {
+            Some(mut r) => r.pop(),
+            None => self.fallback.explain(slot, now),
+        }
+    }
+
+    fn is_archived(&self, slot: u32) -> bool {
+        match self.explain(slot, Instant::now()) {
+            Some(r) => matches!(r.state, KeyState::Archived { .. }),
+            None => self.fallback.is_archived(slot),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.fallback.len()
+    }
+
+    fn in_flight(&self) -> u64 {
+        self.view.lock().leases.len() as u64 + self.fallback.in_flight()
+    }
+
+    fn available_count(&self, now: Instant) -> usize {
+        match self.reports(&self.live_slots(), now) {
+            Some(r) => r.iter().filter(|r| r.available).count(),
+            None => self.fallback.available_count(now),
+        }
+    }
+
+    fn state_counts(&self, now: Instant) -> HashMap<&'static str, usize> {
+        match self.reports(&self.live_slots(), now) {
+            Some(reports) => {
+                let mut out = HashMap::new();
+                for r in reports {
+                    *out.entry(r.state.name()).or_default() += 1;
+                }
+                out
+            }
+            None => self.fallback.state_counts(now),
+        }
+    }
+
+    fn strategy(&self) -> Strategy {
+        self.view.lock().strategy
+    }
+
+    fn set_strategy(&self, strategy: Strategy) {
+        self.fallback.set_strategy(strategy);
+        self.view.lock().strategy = strategy;
+    }
+
+    fn settings(&self) -> Settings {
+        self.view.lock().settings.clone()
+    }
+
+    fn apply_settings(&self, settings: Settings) {
+        self.fallback.apply_settings(settings.clone());
+        let mut view = self.view.lock();
+        view.settings = settings;
+        view.rebuild_header(self.lease_ttl, self.conf.release_poll, &self.base);
+    }
+
+    fn define_scope(&self, name: &str, limits: Vec<RateLimit>, max_in_flight: u32) {
+        self.fallback
+            .define_scope(name, limits.clone(), max_in_flight);
+        let mut view = self.view.lock();
+        let i = view.scope_idx(name);
+        view.scopes[i].limits = limits;
+        view.scopes[i].max_in_flight = max_in_flight;
+        view.rebuild_header(self.lease_ttl, self.conf.release_poll, &self.base);
+    }
+}
