@@ -2,9 +2,22 @@
 //! limits, health, lease, report), on 10 and 100,000 keys, per strategy, and across threads.
 //!
 //! Run with: `cargo bench -p apipool --bench engine`
+//!
+//! Instruction counts (repeatable on a loaded machine): build with
+//! `cargo bench --workspace --bench engine --no-run`, then run the printed binary under callgrind
+//! with `ENGINE_COUNT=STRATEGY:KEYS:ITERS` (STRATEGY as in `rotation_strategy`, or
+//! `round_robin+rate_limit`), collecting only the measured loop:
+//!
+//! ```text
+//! ENGINE_COUNT=random:100000:200000 valgrind --tool=callgrind --cache-sim=yes \
+//!     --toggle-collect='*measured_loop*' target/release/deps/engine-HASH
+//! ```
+//!
+//! The loop first runs `ITERS` unmeasured operations (warm-up: logs and selectors reach their
+//! working size), then `ITERS` measured ones; instructions per acquire+report = Ir / ITERS.
 
 use apipool::{ApiKey, ApiKeyManager, Outcome, RateLimit, Strategy};
-use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group};
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
@@ -33,6 +46,14 @@ fn pool(n: usize, strategy: Strategy, limited: bool) -> ApiKeyManager<Key> {
     b.build().unwrap()
 }
 
+/// One acquire + report, the unit every figure here measures.
+#[inline(always)]
+fn op(p: &ApiKeyManager<Key>) {
+    let lease = p.try_acquire().unwrap();
+    black_box(lease.client());
+    lease.report(Outcome::Success);
+}
+
 fn acquire_report(c: &mut Criterion) {
     let mut g = c.benchmark_group("acquire_report");
     g.throughput(Throughput::Elements(1));
@@ -45,16 +66,12 @@ fn acquire_report(c: &mut Criterion) {
         ] {
             let p = pool(n, strategy, false);
             g.bench_with_input(BenchmarkId::new(format!("{strategy}"), n), &p, |b, p| {
-                b.iter(|| {
-                    let lease = p.try_acquire().unwrap();
-                    black_box(lease.client());
-                    lease.report(Outcome::Success);
-                });
+                b.iter(|| op(p));
             });
         }
         let p = pool(n, Strategy::RoundRobin, true);
         g.bench_with_input(BenchmarkId::new("round_robin+rate_limit", n), &p, |b, p| {
-            b.iter(|| p.try_acquire().unwrap().report(Outcome::Success));
+            b.iter(|| op(p));
         });
     }
     g.finish();
@@ -76,7 +93,7 @@ fn threads(c: &mut Criterion) {
                         for _ in 0..threads {
                             s.spawn(|| {
                                 for _ in 0..iters {
-                                    p.try_acquire().unwrap().report(Outcome::Success);
+                                    op(&p);
                                 }
                             });
                         }
@@ -90,4 +107,42 @@ fn threads(c: &mut Criterion) {
 }
 
 criterion_group!(benches, acquire_report, threads);
-criterion_main!(benches);
+
+/// The loop callgrind counts (`--toggle-collect='*measured_loop*'`).
+#[inline(never)]
+fn measured_loop(p: &ApiKeyManager<Key>, iters: u64) {
+    for _ in 0..iters {
+        op(p);
+    }
+}
+
+/// `ENGINE_COUNT=STRATEGY:KEYS:ITERS`: warm up, then run the measured loop once.
+fn count_mode(spec: &str) {
+    let mut parts = spec.split(':');
+    let (Some(strategy), Some(keys), Some(iters), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        panic!("ENGINE_COUNT must be STRATEGY:KEYS:ITERS, got {spec:?}");
+    };
+    let (strategy, limited) = match strategy.strip_suffix("+rate_limit") {
+        Some(s) => (s, true),
+        None => (strategy, false),
+    };
+    let strategy: Strategy = strategy.parse().expect("unknown strategy");
+    let keys: usize = keys.parse().expect("KEYS must be a number");
+    let iters: u64 = iters.parse().expect("ITERS must be a number");
+    let p = pool(keys, strategy, limited);
+    for _ in 0..iters {
+        op(&p);
+    }
+    measured_loop(&p, iters);
+}
+
+fn main() {
+    if let Ok(spec) = std::env::var("ENGINE_COUNT") {
+        count_mode(&spec);
+        return;
+    }
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}

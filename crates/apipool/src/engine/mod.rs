@@ -4,10 +4,12 @@
 //! batch, proxy) wrap it in a lock and adapt its answers — a lease, "wait until t", or "no usable
 //! key" — to their way of waiting.
 
+mod log;
 mod select;
 
 use crate::config::{RateLimit, Strategy};
 use crate::outcome::Outcome;
+use log::Log;
 use rand::SeedableRng;
 use rand::rngs::SmallRng;
 use select::Selector;
@@ -19,6 +21,12 @@ use std::time::{Duration, Instant};
 
 /// Engine time: nanoseconds since the engine's origin instant.
 type Tick = u64;
+
+/// "No time" for optional tick fields of the hot slot (ticks never reach it: 584 years).
+const NO_TICK: Tick = Tick::MAX;
+
+/// "No scope" for a key's scope index.
+const NO_SCOPE: u32 = u32::MAX;
 
 /// Entries kept per key while learning a limit that nobody configured.
 const LEARN_LOG_CAP: usize = 512;
@@ -185,38 +193,170 @@ enum State {
     Disabled,
 }
 
-#[derive(Debug, Clone, Copy)]
-struct Learned {
-    limit: u32,
-    interval: Tick,
-    at: Tick,
-    /// The learning epoch: successes acquired in it and reported late still count toward `limit`.
-    from: Tick,
-    to: Tick,
+/// A key's state as the hot slot stores it: a tag byte and a reason byte (the time is `until`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+enum Tag {
+    Active,
+    Cooling,
+    Banned,
+    Archived,
+    Disabled,
 }
 
+/// Everything one acquire + report reads or writes on a key, packed in two cache lines
+/// (`repr(C)`: the order is the layout, checked by a test). A pick in a 100,000-key pool touches
+/// these 128 bytes and the tail of the key's log, nothing else of the key; what only
+/// [`Engine::explain`] and rare events read lives in [`Cold`].
 #[derive(Debug)]
+#[repr(C, align(64))]
 struct Slot {
-    live: bool,
-    gen_: u32,
-    id: Arc<str>,
-    weight: u32,
-    state: State,
-    consecutive_failures: u32,
-    in_flight: u32,
-    log: VecDeque<Tick>,
-    learned: Option<Learned>,
-    epoch_start: Tick,
-    epoch_successes: u32,
-    epoch_first: Option<Tick>,
-    timer: Option<Tick>,
-    parked: bool,
-    scope: Option<u32>,
+    /// When a cooling or banned key comes back.
+    until: Tick,
+    /// The time of the key's pending timer ([`NO_TICK`]: none); a heap entry is valid only if it
+    /// matches.
+    timer: Tick,
     last_used: u64,
     calls: u64,
     successes: u64,
+    /// The learning epoch: successes acquired from `epoch_start` on, the first acquired at
+    /// `epoch_first` ([`NO_TICK`]: none yet).
+    epoch_start: Tick,
+    epoch_first: Tick,
+    /// A learned limit: `learned_limit` calls per `learned_interval`, learned at `learned_at`
+    /// (`learned_limit == 0`: none; a learned limit is never 0).
+    learned_interval: Tick,
+    learned_at: Tick,
+    log: Log,
+    gen_: u32,
+    in_flight: u32,
+    /// Its quota scope ([`NO_SCOPE`]: none).
+    scope: u32,
+    consecutive_failures: u32,
+    epoch_successes: u32,
+    learned_limit: u32,
+    tag: Tag,
+    /// `CoolReason` or `ArchiveReason` as a byte, by `tag`.
+    reason: u8,
+    live: bool,
+    parked: bool,
+}
+
+/// What is read rarely: by `explain`, on failures and rate limits, when a key is added.
+#[derive(Debug)]
+struct Cold {
+    id: Arc<str>,
+    weight: u32,
     failures: u64,
     rate_limited: u64,
+    /// The learning epoch a learned limit came from: successes acquired in it and reported late
+    /// still count toward the limit.
+    learned_from: Tick,
+    learned_to: Tick,
+}
+
+const COOL_REASONS: [CoolReason; 2] = [CoolReason::RateLimited, CoolReason::QuotaExhausted];
+const ARCHIVE_REASONS: [ArchiveReason; 4] = [
+    ArchiveReason::InvalidKey,
+    ArchiveReason::RateLimited,
+    ArchiveReason::Unusable,
+    ArchiveReason::Manual,
+];
+
+impl Slot {
+    fn new(gen_: u32, scope: u32, now: Tick) -> Self {
+        Self {
+            until: 0,
+            timer: NO_TICK,
+            last_used: 0,
+            calls: 0,
+            successes: 0,
+            epoch_start: now,
+            epoch_first: NO_TICK,
+            learned_interval: 0,
+            learned_at: 0,
+            log: Log::default(),
+            gen_,
+            in_flight: 0,
+            scope,
+            consecutive_failures: 0,
+            epoch_successes: 0,
+            learned_limit: 0,
+            tag: Tag::Active,
+            reason: 0,
+            live: true,
+            parked: false,
+        }
+    }
+
+    fn state(&self) -> State {
+        match self.tag {
+            Tag::Active => State::Active,
+            Tag::Cooling => State::Cooling {
+                until: self.until,
+                reason: COOL_REASONS[usize::from(self.reason)],
+            },
+            Tag::Banned => State::Banned { until: self.until },
+            Tag::Archived => State::Archived(ARCHIVE_REASONS[usize::from(self.reason)]),
+            Tag::Disabled => State::Disabled,
+        }
+    }
+
+    fn set_state(&mut self, state: State) {
+        (self.tag, self.reason) = match state {
+            State::Active => (Tag::Active, 0),
+            State::Cooling { until, reason } => {
+                self.until = until;
+                (Tag::Cooling, reason as u8)
+            }
+            State::Banned { until } => {
+                self.until = until;
+                (Tag::Banned, 0)
+            }
+            State::Archived(reason) => (Tag::Archived, reason as u8),
+            State::Disabled => (Tag::Disabled, 0),
+        };
+    }
+
+    /// The learned limit still in force at `now`: (calls, window).
+    fn learned_in_force(&self, ttl: Tick, now: Tick) -> Option<(u32, Tick)> {
+        (self.learned_limit > 0 && self.learned_at.saturating_add(ttl) > now)
+            .then_some((self.learned_limit, self.learned_interval))
+    }
+
+    /// Starts a new learning epoch at `now`.
+    fn restart_epoch(&mut self, now: Tick) {
+        self.epoch_start = now;
+        self.epoch_successes = 0;
+        self.epoch_first = NO_TICK;
+    }
+}
+
+/// What the engine derives from [`Settings`] once, not on every call.
+#[derive(Debug, Clone, Default)]
+struct Derived {
+    /// Configured windows as (calls, window length with margin).
+    windows: Vec<(u32, Tick)>,
+    /// The largest configured limit (how many completion times a key must keep).
+    window_cap: u32,
+    /// Learning a limit from 429s: on, and nothing configured.
+    learning: bool,
+    learned_ttl: Tick,
+}
+
+impl Derived {
+    fn new(settings: &Settings) -> Self {
+        Self {
+            windows: settings
+                .limits
+                .iter()
+                .map(|l| (l.limit(), nanos(l.effective_interval())))
+                .collect(),
+            window_cap: settings.limits.iter().map(|l| l.limit()).max().unwrap_or(0),
+            learning: settings.learn && settings.limits.is_empty(),
+            learned_ttl: nanos(settings.learned_ttl),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -225,7 +365,7 @@ struct Scope {
     limits: Vec<RateLimit>,
     max_in_flight: u32,
     in_flight: u32,
-    log: VecDeque<Tick>,
+    log: Log,
     cooling_until: Option<Tick>,
     parked: Vec<u32>,
     timer: Option<Tick>,
@@ -252,8 +392,10 @@ enum Avail {
 pub(crate) struct Engine {
     origin: Instant,
     settings: Settings,
+    derived: Derived,
     strategy: Strategy,
     slots: Vec<Slot>,
+    cold: Vec<Cold>,
     free: Vec<u32>,
     selector: Selector,
     timers: BinaryHeap<Reverse<(Tick, Target)>>,
@@ -281,13 +423,7 @@ impl fmt::Debug for Engine {
 /// finished. A call reaches the upstream somewhere between its grant and its completion, so
 /// counting finished calls at completion and unfinished ones as "now" can never undercount what
 /// the upstream saw in any window, whatever the delivery jitter.
-fn window_block(
-    log: &VecDeque<Tick>,
-    limit: u32,
-    interval: Tick,
-    in_flight: u32,
-    now: Tick,
-) -> Block {
+fn window_block(log: &Log, limit: u32, interval: Tick, in_flight: u32, now: Tick) -> Block {
     let limit = limit as usize;
     let in_flight = in_flight as usize;
     if limit == 0 {
@@ -302,7 +438,7 @@ fn window_block(
     if n < room {
         return Block::Free;
     }
-    let t = log[n - room].saturating_add(interval);
+    let t = log.get(n - room).saturating_add(interval);
     if t > now {
         Block::Until(t)
     } else {
@@ -317,16 +453,15 @@ enum Block {
     Release,
 }
 
-/// Appends a completion time, keeping the log sorted and at most `cap` long.
-fn log_push(log: &mut VecDeque<Tick>, t: Tick, cap: usize) {
-    if cap == 0 {
-        return;
-    }
-    let pos = log.iter().rposition(|&x| x <= t).map_or(0, |p| p + 1);
-    log.insert(pos, t);
-    while log.len() > cap {
-        log.pop_front();
-    }
+/// How many completion times a key must keep: its largest configured or learned limit, or
+/// [`LEARN_LOG_CAP`] while a limit is being learned; 0 when nothing needs them.
+fn log_cap(d: &Derived, s: &Slot) -> usize {
+    let learning = if d.learning && s.learned_limit == 0 {
+        LEARN_LOG_CAP as u32
+    } else {
+        0
+    };
+    d.window_cap.max(s.learned_limit).max(learning) as usize
 }
 
 fn nanos(d: Duration) -> Tick {
@@ -346,9 +481,11 @@ impl Engine {
         };
         Self {
             origin,
+            derived: Derived::new(&settings),
             settings,
             strategy,
             slots: Vec::new(),
+            cold: Vec::new(),
             free: Vec::new(),
             selector: Selector::new(strategy, 0),
             timers: BinaryHeap::new(),
@@ -412,7 +549,7 @@ impl Engine {
             limits: Vec::new(),
             max_in_flight: 0,
             in_flight: 0,
-            log: VecDeque::new(),
+            log: Log::default(),
             cooling_until: None,
             parked: Vec::new(),
             timer: None,
@@ -431,35 +568,23 @@ impl Engine {
         now: Instant,
     ) -> u32 {
         let now = self.tick(now);
-        let scope = scope.map(|s| self.scope_idx(s));
-        let fresh = |gen_| Slot {
-            live: true,
-            gen_,
+        let scope = scope.map_or(NO_SCOPE, |s| self.scope_idx(s));
+        let cold = Cold {
             id,
             weight: weight.max(1),
-            state: State::Active,
-            consecutive_failures: 0,
-            in_flight: 0,
-            log: VecDeque::new(),
-            learned: None,
-            epoch_start: now,
-            epoch_successes: 0,
-            epoch_first: None,
-            timer: None,
-            parked: false,
-            scope,
-            last_used: 0,
-            calls: 0,
-            successes: 0,
             failures: 0,
             rate_limited: 0,
+            learned_from: 0,
+            learned_to: 0,
         };
         let idx = if let Some(idx) = self.free.pop() {
             let gen_ = self.slots[idx as usize].gen_;
-            self.slots[idx as usize] = fresh(gen_);
+            self.slots[idx as usize] = Slot::new(gen_, scope, now);
+            self.cold[idx as usize] = cold;
             idx
         } else {
-            self.slots.push(fresh(0));
+            self.slots.push(Slot::new(0, scope, now));
+            self.cold.push(cold);
             u32::try_from(self.slots.len() - 1).unwrap_or(u32::MAX)
         };
         self.live += 1;
@@ -478,11 +603,11 @@ impl Engine {
         }
         s.live = false;
         s.gen_ = s.gen_.wrapping_add(1);
-        s.timer = None;
+        s.timer = NO_TICK;
         self.total_in_flight -= u64::from(s.in_flight);
-        if let Some(sc) = s.scope {
-            self.scopes[sc as usize].in_flight -=
-                s.in_flight.min(self.scopes[sc as usize].in_flight);
+        if s.scope != NO_SCOPE {
+            let sc = s.scope as usize;
+            self.scopes[sc].in_flight -= s.in_flight.min(self.scopes[sc].in_flight);
         }
         s.in_flight = 0;
         self.selector.remove(idx);
@@ -507,49 +632,28 @@ impl Engine {
     /// Replaces the settings. Calls in flight are unaffected; windows keep their history, so a
     /// changed limit applies from the next acquire without a burst.
     pub(crate) fn apply_settings(&mut self, settings: Settings) {
+        self.derived = Derived::new(&settings);
         self.settings = settings;
         for k in 0..self.slots.len() as u32 {
             let s = &mut self.slots[k as usize];
-            if s.live && s.state == State::Active {
-                s.timer = None;
+            if s.live && s.tag == Tag::Active {
+                s.timer = NO_TICK;
                 self.sel_insert(k);
             }
         }
     }
 
-    fn log_cap(&self, s: &Slot) -> usize {
-        let configured = self
-            .settings
-            .limits
-            .iter()
-            .map(|l| l.limit())
-            .max()
-            .unwrap_or(0);
-        let learned = s.learned.map_or(0, |l| l.limit);
-        let learning =
-            if self.settings.learn && self.settings.limits.is_empty() && s.learned.is_none() {
-                LEARN_LOG_CAP as u32
-            } else {
-                0
-            };
-        configured.max(learned).max(learning) as usize
-    }
-
     fn sel_insert(&mut self, k: u32) {
         let s = &self.slots[k as usize];
-        if s.live
-            && matches!(
-                s.state,
-                State::Active | State::Cooling { .. } | State::Banned { .. }
-            )
-        {
-            self.selector.insert(k, s.in_flight, s.last_used, s.weight);
+        if s.live && matches!(s.tag, Tag::Active | Tag::Cooling | Tag::Banned) {
+            let weight = self.cold[k as usize].weight;
+            self.selector.insert(k, s.in_flight, s.last_used, weight);
         }
     }
 
     fn schedule(&mut self, k: u32, t: Tick) {
         let s = &mut self.slots[k as usize];
-        s.timer = Some(t);
+        s.timer = t;
         self.timers.push(Reverse((t, Target::Key(k, s.gen_))));
     }
 
@@ -565,7 +669,7 @@ impl Engine {
         match target {
             Target::Key(k, gen_) => {
                 let s = &self.slots[k as usize];
-                s.live && s.gen_ == gen_ && s.timer == Some(t)
+                s.live && s.gen_ == gen_ && s.timer == t
             }
             Target::Scope(sc) => self.scopes[sc as usize].timer == Some(t),
         }
@@ -582,7 +686,7 @@ impl Engine {
             }
             match target {
                 Target::Key(k, _) => {
-                    self.slots[k as usize].timer = None;
+                    self.slots[k as usize].timer = NO_TICK;
                     self.sel_insert(k);
                 }
                 Target::Scope(sc) => {
@@ -613,45 +717,38 @@ impl Engine {
 
     /// Read-only: can key `k` be granted at `now`? Expired cooldowns, bans and learned limits count
     /// as already lifted (`refresh` applies those transitions).
+    #[inline]
     fn assess(&self, k: u32, now: Tick) -> Avail {
         let s = &self.slots[k as usize];
         if !s.live {
             return Avail::Gone;
         }
-        match s.state {
-            State::Active => {}
-            State::Cooling { until, .. } | State::Banned { until } => {
-                if until > now {
-                    return Avail::Until(until);
+        match s.tag {
+            Tag::Active => {}
+            Tag::Cooling | Tag::Banned => {
+                if s.until > now {
+                    return Avail::Until(s.until);
                 }
             }
-            State::Archived(_) | State::Disabled => return Avail::Gone,
+            Tag::Archived | Tag::Disabled => return Avail::Gone,
         }
         if self.settings.max_in_flight > 0 && s.in_flight >= self.settings.max_in_flight {
             return Avail::Release;
         }
         let mut block = Block::Free;
-        for lim in &self.settings.limits {
-            block = block.max(window_block(
-                &s.log,
-                lim.limit(),
-                nanos(lim.effective_interval()),
-                s.in_flight,
-                now,
-            ));
+        for &(limit, interval) in &self.derived.windows {
+            block = block.max(window_block(&s.log, limit, interval, s.in_flight, now));
         }
-        if let Some(l) = s
-            .learned
-            .filter(|l| l.at + nanos(self.settings.learned_ttl) > now)
-        {
-            block = block.max(window_block(&s.log, l.limit, l.interval, s.in_flight, now));
+        if let Some((limit, interval)) = s.learned_in_force(self.derived.learned_ttl, now) {
+            block = block.max(window_block(&s.log, limit, interval, s.in_flight, now));
         }
         match block {
             Block::Free => {}
             Block::Until(t) => return Avail::Until(t),
             Block::Release => return Avail::Release,
         }
-        if let Some(sc) = s.scope {
+        if s.scope != NO_SCOPE {
+            let sc = s.scope;
             let scope = &self.scopes[sc as usize];
             if let Some(u) = scope.cooling_until.filter(|&u| u > now) {
                 return Avail::Scope(sc, Some(u));
@@ -681,33 +778,31 @@ impl Engine {
 
     /// Applies time-based transitions on key `k`: expired cooldown/ban → active (a new learning
     /// epoch), expired learned limit → forgotten.
+    #[inline]
     fn refresh(&mut self, k: u32, now: Tick) {
-        let ttl = nanos(self.settings.learned_ttl);
+        let ttl = self.derived.learned_ttl;
         let s = &mut self.slots[k as usize];
-        let expired = match s.state {
-            State::Cooling { until, .. } => until <= now,
-            State::Banned { until } => {
-                if until <= now {
+        let expired = match s.tag {
+            Tag::Cooling => s.until <= now,
+            Tag::Banned => {
+                if s.until <= now {
                     s.consecutive_failures = 0;
                 }
-                until <= now
+                s.until <= now
             }
             _ => false,
         };
         if expired {
-            s.state = State::Active;
-            s.epoch_start = now;
-            s.epoch_successes = 0;
-            s.epoch_first = None;
+            s.set_state(State::Active);
+            s.restart_epoch(now);
         }
-        if s.learned.is_some_and(|l| l.at + ttl <= now) {
-            s.learned = None;
-            s.epoch_start = now;
-            s.epoch_successes = 0;
-            s.epoch_first = None;
+        if s.learned_limit > 0 && s.learned_at.saturating_add(ttl) <= now {
+            s.learned_limit = 0;
+            s.restart_epoch(now);
         }
     }
 
+    #[inline]
     fn pick(&mut self, now: Tick) -> Option<u32> {
         loop {
             let k = self.selector.pick(&mut self.rng)?;
@@ -741,17 +836,25 @@ impl Engine {
     pub(crate) fn acquire(&mut self, now: Instant, avoid: &[u32]) -> Acquire {
         let now = self.tick(now);
         self.fire_timers(now);
-        let mut set_aside = Vec::new();
-        for &a in avoid {
-            if self.selector.contains(a) {
+        let mut picked = if avoid.is_empty() {
+            self.pick(now)
+        } else {
+            // Set the avoided keys aside for one pick. `avoid` lists the keys a call already
+            // tried: a handful, so this copy stays on the stack in practice.
+            let set_aside: Vec<u32> = avoid
+                .iter()
+                .copied()
+                .filter(|&a| self.selector.contains(a))
+                .collect();
+            for &a in &set_aside {
                 self.selector.remove(a);
-                set_aside.push(a);
             }
-        }
-        let mut picked = self.pick(now);
-        for a in set_aside {
-            self.sel_insert(a);
-        }
+            let picked = self.pick(now);
+            for a in set_aside {
+                self.sel_insert(a);
+            }
+            picked
+        };
         if picked.is_none() && !avoid.is_empty() {
             picked = self.pick(now);
         }
@@ -761,6 +864,7 @@ impl Engine {
         }
     }
 
+    #[inline]
     fn grant(&mut self, k: u32, now: Tick) -> LeaseToken {
         self.seq += 1;
         let s = &mut self.slots[k as usize];
@@ -769,8 +873,8 @@ impl Engine {
         s.calls += 1;
         let (in_flight, last_used, gen_, scope) = (s.in_flight, s.last_used, s.gen_, s.scope);
         self.total_in_flight += 1;
-        if let Some(sc) = scope {
-            self.scopes[sc as usize].in_flight += 1;
+        if scope != NO_SCOPE {
+            self.scopes[scope as usize].in_flight += 1;
         }
         self.selector.touch(k, in_flight, last_used);
         LeaseToken {
@@ -805,15 +909,14 @@ impl Engine {
         s.in_flight = s.in_flight.saturating_sub(1);
         self.total_in_flight = self.total_in_flight.saturating_sub(1);
         let scope = s.scope;
-        let cap = self.log_cap(&self.slots[k as usize]);
-        let s = &mut self.slots[k as usize];
-        log_push(&mut s.log, now, cap);
-        let waiting_on_release = s.state == State::Active && s.timer.is_none() && !s.parked;
-        if let Some(sc) = scope {
+        s.log.push(now, log_cap(&self.derived, s));
+        let waiting_on_release = s.tag == Tag::Active && s.timer == NO_TICK && !s.parked;
+        if scope != NO_SCOPE {
+            let sc = scope;
             let sco = &mut self.scopes[sc as usize];
             sco.in_flight = sco.in_flight.saturating_sub(1);
             let cap = sco.limits.iter().map(|l| l.limit()).max().unwrap_or(0) as usize;
-            log_push(&mut sco.log, now, cap);
+            sco.log.push(now, cap);
             if sco.timer.is_none() && !sco.parked.is_empty() {
                 self.unpark(sc);
             }
@@ -830,23 +933,20 @@ impl Engine {
             Outcome::Success => {
                 s.successes += 1;
                 s.consecutive_failures = 0;
-                if let Some(l) = s
-                    .learned
-                    .as_mut()
-                    .filter(|l| (l.from..=l.to).contains(&token.at))
-                {
+                let c = &self.cold[k as usize];
+                if s.learned_limit > 0 && (c.learned_from..=c.learned_to).contains(&token.at) {
                     // A success from the learning epoch reported after the 429: count it too.
-                    l.limit += 1;
+                    s.learned_limit += 1;
                 } else if token.at >= s.epoch_start {
                     s.epoch_successes += 1;
-                    s.epoch_first = Some(s.epoch_first.map_or(token.at, |f| f.min(token.at)));
+                    s.epoch_first = s.epoch_first.min(token.at);
                 }
             }
             Outcome::RateLimited {
                 retry_after,
                 scope_wide,
             } => {
-                s.rate_limited += 1;
+                self.cold[k as usize].rate_limited += 1;
                 if self.settings.archive_on_rate_limit {
                     self.archive(k, ArchiveReason::RateLimited);
                     return;
@@ -855,12 +955,12 @@ impl Engine {
                     .saturating_add(nanos(retry_after.unwrap_or(self.settings.default_cooldown)));
                 self.learn(k, until, now, token.at);
                 self.cool(k, until, CoolReason::RateLimited);
-                if let Some(sc) = scope {
-                    self.scope_refusal(sc, k, now, until, scope_wide);
+                if scope != NO_SCOPE {
+                    self.scope_refusal(scope, k, now, until, scope_wide);
                 }
             }
             Outcome::QuotaExhausted { until } => {
-                s.rate_limited += 1;
+                self.cold[k as usize].rate_limited += 1;
                 let until = match until {
                     Some(t) => self.tick(t),
                     None => now.saturating_add(nanos(self.settings.default_cooldown)),
@@ -868,17 +968,15 @@ impl Engine {
                 self.cool(k, until, CoolReason::QuotaExhausted);
             }
             Outcome::InvalidKey => {
-                s.failures += 1;
+                self.cold[k as usize].failures += 1;
                 self.archive(k, ArchiveReason::InvalidKey);
             }
             Outcome::Failed | Outcome::Timeout => {
-                s.failures += 1;
+                self.cold[k as usize].failures += 1;
                 s.consecutive_failures += 1;
-                if s.consecutive_failures >= self.settings.ban_threshold
-                    && matches!(s.state, State::Active)
-                {
+                if s.consecutive_failures >= self.settings.ban_threshold && s.tag == Tag::Active {
                     let until = now.saturating_add(nanos(self.settings.ban_duration));
-                    s.state = State::Banned { until };
+                    s.set_state(State::Banned { until });
                     self.selector.remove(k);
                     self.schedule(k, until);
                 }
@@ -890,42 +988,39 @@ impl Engine {
     /// Learns a key's limit from a rate limit when none is configured: the successes since the key
     /// came back, over the time from the first of them to the moment the upstream frees the window.
     fn learn(&mut self, k: u32, until: Tick, now: Tick, acquired: Tick) {
-        if !self.settings.learn || !self.settings.limits.is_empty() {
+        if !self.derived.learning {
             return;
         }
         let s = &mut self.slots[k as usize];
-        match (&mut s.learned, s.epoch_first) {
-            (None, Some(first)) if s.epoch_successes > 0 => {
-                s.learned = Some(Learned {
-                    limit: s.epoch_successes,
-                    interval: until.saturating_sub(first).max(1_000_000),
-                    at: until,
-                    from: first,
-                    to: now,
-                });
+        let c = &mut self.cold[k as usize];
+        if s.learned_limit == 0 {
+            if s.epoch_first != NO_TICK && s.epoch_successes > 0 {
+                let first = s.epoch_first;
+                s.learned_limit = s.epoch_successes;
+                s.learned_interval = until.saturating_sub(first).max(1_000_000);
+                s.learned_at = until;
+                c.learned_from = first;
+                c.learned_to = now;
             }
-            (Some(l), _) if acquired > l.to => {
-                // Refused although the call was paced by the learned limit: tighten it. (Refusals
-                // of calls sent before the limit was learned say nothing new.)
-                l.limit = l.limit.saturating_sub((l.limit / 20).max(1)).max(1);
-            }
-            _ => {}
+        } else if acquired > c.learned_to {
+            // Refused although the call was paced by the learned limit: tighten it. (Refusals of
+            // calls sent before the limit was learned say nothing new.)
+            let l = s.learned_limit;
+            s.learned_limit = l.saturating_sub((l / 20).max(1)).max(1);
         }
         // The epoch restarts when the key comes back from its cooldown.
-        s.epoch_successes = 0;
-        s.epoch_first = None;
-        s.epoch_start = until;
+        s.restart_epoch(until);
     }
 
     fn cool(&mut self, k: u32, until: Tick, reason: CoolReason) {
         let s = &mut self.slots[k as usize];
-        match s.state {
+        match s.state() {
             State::Cooling { until: u0, .. } if u0 >= until => return,
             State::Archived(_) | State::Disabled => return,
             State::Banned { until: u0 } if u0 >= until => return,
             _ => {}
         }
-        s.state = State::Cooling { until, reason };
+        s.set_state(State::Cooling { until, reason });
         self.selector.remove(k);
         self.schedule(k, until);
     }
@@ -957,8 +1052,8 @@ impl Engine {
         if !s.live {
             return;
         }
-        s.state = State::Archived(reason);
-        s.timer = None;
+        s.set_state(State::Archived(reason));
+        s.timer = NO_TICK;
         self.selector.remove(k);
     }
 
@@ -967,8 +1062,8 @@ impl Engine {
         if !s.live {
             return;
         }
-        s.state = State::Disabled;
-        s.timer = None;
+        s.set_state(State::Disabled);
+        s.timer = NO_TICK;
         self.selector.remove(k);
     }
 
@@ -977,7 +1072,7 @@ impl Engine {
         if self
             .slots
             .get(k as usize)
-            .is_some_and(|s| s.live && s.state == State::Disabled)
+            .is_some_and(|s| s.live && s.tag == Tag::Disabled)
         {
             self.reset(k, now);
         }
@@ -990,21 +1085,18 @@ impl Engine {
         if !s.live {
             return;
         }
-        s.state = State::Active;
+        s.set_state(State::Active);
         s.consecutive_failures = 0;
-        s.timer = None;
-        s.epoch_start = now;
-        s.epoch_successes = 0;
-        s.epoch_first = None;
+        s.timer = NO_TICK;
+        s.restart_epoch(now);
         self.sel_insert(k);
     }
 
     /// Whether key `k` is archived.
     pub(crate) fn is_archived(&self, k: u32) -> bool {
-        matches!(
-            self.slots.get(k as usize).map(|s| s.state),
-            Some(State::Archived(_))
-        )
+        self.slots
+            .get(k as usize)
+            .is_some_and(|s| s.tag == Tag::Archived)
     }
 
     /// Counts keys that could be granted right now.
@@ -1029,9 +1121,10 @@ impl Engine {
     /// Explains key `k`: its state and why it would be skipped now.
     pub(crate) fn explain(&self, k: u32, now: Instant) -> Option<KeyReport> {
         let s = self.slots.get(k as usize).filter(|s| s.live)?;
+        let c = &self.cold[k as usize];
         let now_t = self.tick(now);
         let avail = self.assess(k, now_t);
-        let state = match s.state {
+        let state = match s.state() {
             State::Active => KeyState::Active,
             State::Cooling { until, .. } | State::Banned { until } if until <= now_t => {
                 KeyState::Active
@@ -1049,7 +1142,7 @@ impl Engine {
         let secs = |t: Tick| Duration::from_nanos(t.saturating_sub(now_t)).as_secs_f64();
         let skipped_because = match avail {
             Avail::Ok => None,
-            Avail::Gone => Some(match s.state {
+            Avail::Gone => Some(match s.state() {
                 State::Disabled => "disabled by hand".to_owned(),
                 State::Archived(ArchiveReason::InvalidKey) => {
                     "archived: the upstream refused the key as invalid (401/403); fix or rotate it, then restore".to_owned()
@@ -1060,7 +1153,7 @@ impl Engine {
                 State::Archived(ArchiveReason::Unusable) => "archived: the usability check failed".to_owned(),
                 _ => "archived by hand".to_owned(),
             }),
-            Avail::Until(t) => Some(match s.state {
+            Avail::Until(t) => Some(match s.state() {
                 State::Cooling { reason: CoolReason::RateLimited, .. } => {
                     format!("cooling after a rate limit (429); back in {:.3}s", secs(t))
                 }
@@ -1093,7 +1186,7 @@ impl Engine {
             }
         };
         Some(KeyReport {
-            identifier: s.id.clone(),
+            identifier: c.id.clone(),
             state,
             available: avail == Avail::Ok,
             skipped_because,
@@ -1101,13 +1194,12 @@ impl Engine {
             consecutive_failures: s.consecutive_failures,
             calls: s.calls,
             successes: s.successes,
-            failures: s.failures,
-            rate_limited: s.rate_limited,
+            failures: c.failures,
+            rate_limited: c.rate_limited,
             learned_limit: s
-                .learned
-                .filter(|l| l.at + nanos(self.settings.learned_ttl) > now_t)
-                .map(|l| (l.limit, Duration::from_nanos(l.interval))),
-            scope: s.scope.map(|sc| self.scopes[sc as usize].name.clone()),
+                .learned_in_force(self.derived.learned_ttl, now_t)
+                .map(|(limit, interval)| (limit, Duration::from_nanos(interval))),
+            scope: (s.scope != NO_SCOPE).then(|| self.scopes[s.scope as usize].name.clone()),
         })
     }
 }

@@ -1,11 +1,12 @@
 //! Key selection structures, one per strategy. Each holds the set of keys that *may* be free; the
 //! engine validates a picked key and removes it lazily when it turns out to be blocked, so every
-//! operation here is O(1) or O(log n) whatever the pool size.
+//! operation here is O(1) or O(log n) whatever the pool size, and none allocates once the pool has
+//! reached its size.
 
 use crate::config::Strategy;
-use rand::RngExt;
+use rand::Rng;
 use rand::rngs::SmallRng;
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::VecDeque;
 
 const ABSENT: u32 = u32::MAX;
 
@@ -21,9 +22,12 @@ pub(crate) enum Selector {
         present: Vec<bool>,
         len: usize,
     },
+    /// An indexed binary min-heap ordered by (in flight, last used, key): a grant or a report moves
+    /// one entry a few levels, with no allocation (a `BTreeSet` removed and re-inserted, twice per
+    /// call).
     LeastUsed {
-        set: BTreeSet<(u32, u64, u32)>,
-        entry: Vec<Option<(u32, u64)>>,
+        heap: Vec<u128>,
+        pos: Vec<u32>,
     },
     Weighted {
         tree: Vec<u64>,
@@ -47,8 +51,8 @@ impl Selector {
                 len: 0,
             },
             Strategy::LeastUsed => Selector::LeastUsed {
-                set: BTreeSet::new(),
-                entry: Vec::new(),
+                heap: Vec::new(),
+                pos: Vec::new(),
             },
             Strategy::Weighted => Selector::Weighted {
                 tree: Vec::new(),
@@ -64,7 +68,7 @@ impl Selector {
     /// Makes room for key indexes below `n`.
     pub(crate) fn grow(&mut self, n: usize) {
         match self {
-            Selector::Random { pos, .. } => {
+            Selector::Random { pos, .. } | Selector::LeastUsed { pos, .. } => {
                 if pos.len() < n {
                     pos.resize(n, ABSENT);
                 }
@@ -75,11 +79,6 @@ impl Selector {
                 if present.len() < n {
                     queued.resize(n, false);
                     present.resize(n, false);
-                }
-            }
-            Selector::LeastUsed { entry, .. } => {
-                if entry.len() < n {
-                    entry.resize(n, None);
                 }
             }
             Selector::Weighted { tree, weights, .. } => {
@@ -101,16 +100,17 @@ impl Selector {
         match self {
             Selector::Random { members, .. } => members.len(),
             Selector::RoundRobin { len, .. } | Selector::Weighted { len, .. } => *len,
-            Selector::LeastUsed { set, .. } => set.len(),
+            Selector::LeastUsed { heap, .. } => heap.len(),
         }
     }
 
     pub(crate) fn contains(&self, k: u32) -> bool {
         let i = k as usize;
         match self {
-            Selector::Random { pos, .. } => pos.get(i).is_some_and(|&p| p != ABSENT),
+            Selector::Random { pos, .. } | Selector::LeastUsed { pos, .. } => {
+                pos.get(i).is_some_and(|&p| p != ABSENT)
+            }
             Selector::RoundRobin { present, .. } => present.get(i).copied().unwrap_or(false),
-            Selector::LeastUsed { entry, .. } => entry.get(i).is_some_and(Option::is_some),
             Selector::Weighted { weights, .. } => weights.get(i).is_some_and(|&w| w > 0),
         }
     }
@@ -141,9 +141,11 @@ impl Selector {
                     queue.push_back(k);
                 }
             }
-            Selector::LeastUsed { set, entry } => {
-                entry[i] = Some((in_flight, last_used));
-                set.insert((in_flight, last_used, k));
+            Selector::LeastUsed { heap, pos } => {
+                let at = heap.len();
+                heap.push(heap_key(in_flight, last_used, k));
+                pos[i] = u32::try_from(at).unwrap_or(ABSENT);
+                sift_up(heap, pos, at);
             }
             Selector::Weighted {
                 tree,
@@ -179,9 +181,16 @@ impl Selector {
                 present[i] = false;
                 *len -= 1;
             }
-            Selector::LeastUsed { set, entry } => {
-                if let Some((f, l)) = entry[i].take() {
-                    set.remove(&(f, l, k));
+            Selector::LeastUsed { heap, pos } => {
+                let at = pos[i] as usize;
+                pos[i] = ABSENT;
+                let last = heap.len() - 1;
+                heap.swap(at, last);
+                heap.pop();
+                if at < last {
+                    pos[heap_slot(heap[at])] = u32::try_from(at).unwrap_or(ABSENT);
+                    let at = sift_up(heap, pos, at);
+                    sift_down(heap, pos, at);
                 }
             }
             Selector::Weighted {
@@ -206,7 +215,7 @@ impl Selector {
                 if members.is_empty() {
                     None
                 } else {
-                    Some(members[rng.random_range(0..members.len())])
+                    Some(members[below(rng, members.len() as u64) as usize])
                 }
             }
             Selector::RoundRobin {
@@ -227,12 +236,12 @@ impl Selector {
                 }
                 None
             }
-            Selector::LeastUsed { set, .. } => set.first().map(|&(_, _, k)| k),
+            Selector::LeastUsed { heap, .. } => heap.first().map(|&e| heap_slot(e) as u32),
             Selector::Weighted { tree, total, .. } => {
                 if *total == 0 {
                     return None;
                 }
-                let target = rng.random_range(0..*total);
+                let target = below(rng, *total);
                 Some(fenwick_find(tree, target))
             }
         }
@@ -240,14 +249,77 @@ impl Selector {
 
     /// Updates a present key's `least_used` ordering.
     pub(crate) fn touch(&mut self, k: u32, in_flight: u32, last_used: u64) {
-        if let Selector::LeastUsed { set, entry } = self
-            && let Some(e) = entry.get_mut(k as usize).and_then(Option::as_mut)
+        if let Selector::LeastUsed { heap, pos } = self
+            && let Some(&at) = pos.get(k as usize).filter(|&&p| p != ABSENT)
         {
-            set.remove(&(e.0, e.1, k));
-            *e = (in_flight, last_used);
-            set.insert((in_flight, last_used, k));
+            let at = at as usize;
+            let new = heap_key(in_flight, last_used, k);
+            let old = std::mem::replace(&mut heap[at], new);
+            if new < old {
+                sift_up(heap, pos, at);
+            } else {
+                sift_down(heap, pos, at);
+            }
         }
     }
+}
+
+/// A uniform draw in `0..n` (`n > 0`): Lemire's multiply-shift, one 64-bit draw and no division.
+/// Its bias, at most n / 2^64, is far below anything a pool can observe.
+fn below(rng: &mut SmallRng, n: u64) -> u64 {
+    ((u128::from(rng.next_u64()) * u128::from(n)) >> 64) as u64
+}
+
+/// A `least_used` heap entry: ordered by fewest in flight, then least recently used, then index.
+fn heap_key(in_flight: u32, last_used: u64, k: u32) -> u128 {
+    (u128::from(in_flight) << 96) | (u128::from(last_used) << 32) | u128::from(k)
+}
+
+fn heap_slot(e: u128) -> usize {
+    (e & u128::from(u32::MAX)) as usize
+}
+
+/// Moves `heap[at]` up to its place; returns where it ended.
+fn sift_up(heap: &mut [u128], pos: &mut [u32], mut at: usize) -> usize {
+    let e = heap[at];
+    while at > 0 {
+        let parent = (at - 1) / 2;
+        if heap[parent] <= e {
+            break;
+        }
+        heap[at] = heap[parent];
+        pos[heap_slot(heap[at])] = at as u32;
+        at = parent;
+    }
+    heap[at] = e;
+    pos[heap_slot(e)] = at as u32;
+    at
+}
+
+/// Moves `heap[at]` down to its place.
+fn sift_down(heap: &mut [u128], pos: &mut [u32], mut at: usize) {
+    let e = heap[at];
+    let n = heap.len();
+    loop {
+        let left = 2 * at + 1;
+        if left >= n {
+            break;
+        }
+        let right = left + 1;
+        let child = if right < n && heap[right] < heap[left] {
+            right
+        } else {
+            left
+        };
+        if heap[child] >= e {
+            break;
+        }
+        heap[at] = heap[child];
+        pos[heap_slot(heap[at])] = at as u32;
+        at = child;
+    }
+    heap[at] = e;
+    pos[heap_slot(e)] = at as u32;
 }
 
 fn fenwick_add(tree: &mut [u64], i: usize, delta: i64) {
@@ -277,7 +349,7 @@ fn fenwick_find(tree: &[u64], mut target: u64) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rand::SeedableRng;
+    use rand::{RngExt, SeedableRng};
 
     fn all(strategy: Strategy) -> Selector {
         let mut s = Selector::new(strategy, 0);
@@ -351,5 +423,50 @@ mod tests {
         assert_eq!(s.pick(&mut rng), Some(2));
         s.touch(2, 2, 9);
         assert_eq!(s.pick(&mut rng), Some(1));
+    }
+
+    #[test]
+    fn least_used_heap_matches_an_ordered_set() {
+        use std::collections::BTreeSet;
+        let mut rng = SmallRng::seed_from_u64(5);
+        let mut s = Selector::new(Strategy::LeastUsed, 0);
+        let mut model: BTreeSet<(u32, u64, u32)> = BTreeSet::new();
+        let mut entry: Vec<Option<(u32, u64)>> = vec![None; 64];
+        for step in 0..20_000u64 {
+            let k = rng.random_range(0..64u32);
+            let (f, l) = (rng.random_range(0..4u32), rng.random_range(0..50u64));
+            match rng.random_range(0..3) {
+                0 => {
+                    s.insert(k, f, l, 1);
+                    if entry[k as usize].is_none() {
+                        entry[k as usize] = Some((f, l));
+                        model.insert((f, l, k));
+                    }
+                }
+                1 => {
+                    s.remove(k);
+                    if let Some((f0, l0)) = entry[k as usize].take() {
+                        model.remove(&(f0, l0, k));
+                    }
+                }
+                _ => {
+                    s.touch(k, f, l);
+                    if let Some(e) = entry[k as usize].as_mut() {
+                        model.remove(&(e.0, e.1, k));
+                        *e = (f, l);
+                        model.insert((f, l, k));
+                    }
+                }
+            }
+            assert_eq!(s.len(), model.len(), "step {step}");
+            assert_eq!(
+                s.pick(&mut rng),
+                model.first().map(|&(_, _, k)| k),
+                "step {step}"
+            );
+            for k in 0..64 {
+                assert_eq!(s.contains(k), entry[k as usize].is_some());
+            }
+        }
     }
 }

@@ -595,3 +595,66 @@ fn apply_settings_keeps_history() {
         }
     );
 }
+
+#[test]
+fn hot_slot_is_two_cache_lines() {
+    // A pick in a large pool touches the hot slot (and the key's log tail) only: keep it at two
+    // aligned cache lines. Adding a field here means moving a rarely-read one to `Cold`.
+    assert_eq!(std::mem::align_of::<Slot>(), 64);
+    assert_eq!(std::mem::size_of::<Slot>(), 128);
+}
+
+#[test]
+fn slot_state_round_trips_through_tag_and_reason() {
+    let mut s = Slot::new(0, NO_SCOPE, 0);
+    let states = [
+        State::Active,
+        State::Cooling {
+            until: 7,
+            reason: CoolReason::RateLimited,
+        },
+        State::Cooling {
+            until: 9,
+            reason: CoolReason::QuotaExhausted,
+        },
+        State::Banned { until: 11 },
+        State::Archived(ArchiveReason::InvalidKey),
+        State::Archived(ArchiveReason::RateLimited),
+        State::Archived(ArchiveReason::Unusable),
+        State::Archived(ArchiveReason::Manual),
+        State::Disabled,
+    ];
+    for st in states {
+        s.set_state(st);
+        assert_eq!(s.state(), st);
+    }
+}
+
+#[test]
+fn keys_without_limits_keep_no_log_and_limited_keys_keep_one_window() {
+    let o = t0();
+    // Nothing to enforce and nothing to learn: no completion times are kept.
+    let settings = Settings {
+        learn: false,
+        ..Settings::default()
+    };
+    let mut e = engine(1, Strategy::RoundRobin, settings, o);
+    for i in 0..100 {
+        let t = grant(&mut e, o + ms(i));
+        e.report(t, Some(Outcome::Success), o + ms(i));
+    }
+    assert_eq!(e.slots[0].log.len(), 0);
+    // A limit of 5: only the last 5 completions are kept (the window never needs more).
+    let settings = Settings {
+        limits: vec![RateLimit::new(5, Duration::from_millis(10)).unwrap()],
+        ..Settings::default()
+    };
+    let mut e = engine(1, Strategy::RoundRobin, settings, o);
+    for i in 0..100 {
+        let now = o + ms(i * 10);
+        let t = grant(&mut e, now);
+        e.report(t, Some(Outcome::Success), now);
+    }
+    assert_eq!(e.slots[0].log.len(), 5);
+    assert_eq!(e.slots[0].log.capacity(), 8);
+}
