@@ -240,6 +240,35 @@ pub fn is_unique_violation(err: &sqlx::Error) -> bool {
     matches!(err, sqlx::Error::Database(e) if e.is_unique_violation())
 }
 
+/// Whether `err` means the database cannot be used right now (down, refusing or dropping
+/// connections, no free connection, SQLite file locked) rather than a bad query. Requests that
+/// fail this way are answered 503 and can be retried.
+pub fn is_unavailable(err: &sqlx::Error) -> bool {
+    match err {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(e) => {
+            let code = e.code().unwrap_or_default();
+            if code.len() < 5 {
+                // SQLite result codes (extended ones keep the primary code in the low byte):
+                // 5 SQLITE_BUSY, 6 SQLITE_LOCKED.
+                return code.parse::<u32>().is_ok_and(|c| matches!(c & 0xff, 5 | 6));
+            }
+            // PostgreSQL SQLSTATEs: class 08 (connection exception), 57P01-57P03 (shut down,
+            // cannot connect now), 53300 (too many connections), and 55000 "database ... is not
+            // currently accepting connections" (ALLOW_CONNECTIONS false).
+            code.starts_with("08")
+                || code.starts_with("57P")
+                || code == "53300"
+                || (code == "55000" && e.message().contains("accepting connections"))
+        }
+        _ => false,
+    }
+}
+
 impl FromStr for DbKind {
     type Err = anyhow::Error;
     fn from_str(s: &str) -> Result<Self, Self::Err> {

@@ -108,7 +108,7 @@ pub struct Config {
     /// Extra random delay, uniform in 0..=N milliseconds, added to the latency.
     #[arg(long, default_value_t = 0)]
     pub latency_jitter_ms: u64,
-    /// Probability (0..=1) that an admitted request answers 500.
+    /// Probability (0..=1) that an admitted request answers 500 (or `error_status`).
     #[arg(long, default_value_t = 0.0)]
     pub error_rate: f64,
     /// Keys that always answer 500 (comma-separated).
@@ -144,9 +144,27 @@ pub struct Config {
     /// Probability (0..=1) that an admitted request's connection is dropped without a response.
     #[arg(long, default_value_t = 0.0)]
     pub reset_rate: f64,
-    /// The next N admitted requests answer 500.
+    /// The next N admitted requests answer 500 (or `error_status`).
     #[arg(long, default_value_t = 0)]
     pub error_burst: u64,
+    /// Status of injected errors (`error_rate`, `error_burst`, `failing_keys`), 500..=599; e.g.
+    /// 502 or 503 to look like a failing gateway.
+    #[arg(long, default_value_t = 500)]
+    pub error_status: u16,
+    /// Keys whose admitted requests always hang for `hang_ms` (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    pub hanging_keys: Vec<ApiKey>,
+    /// Keys whose admitted requests always have their connection dropped (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    pub resetting_keys: Vec<ApiKey>,
+    /// Size in bytes of each part of a slow body (0 = the body in 8 parts; 1 dribbles it byte by
+    /// byte), the parts spread evenly over `slow_body_ms`.
+    #[arg(long, default_value_t = 0)]
+    pub slow_body_chunk_bytes: u64,
+    /// Probability (0..=1) that an admitted 200 sends its headers and half its body, then drops
+    /// the connection (a reset in the middle of the answer).
+    #[arg(long, default_value_t = 0.0)]
+    pub truncate_rate: f64,
 }
 
 impl Default for Config {
@@ -202,6 +220,11 @@ impl Config {
             hang: Duration::from_millis(self.hang_ms),
             slow_body: Duration::from_millis(self.slow_body_ms),
             reset_rate: probability("reset_rate", self.reset_rate)?,
+            error_status: error_status(self.error_status)?,
+            hanging_keys: key_set(&self.hanging_keys),
+            resetting_keys: key_set(&self.resetting_keys),
+            slow_body_chunk: usize::try_from(self.slow_body_chunk_bytes).unwrap_or(usize::MAX),
+            truncate_rate: probability("truncate_rate", self.truncate_rate)?,
         })
     }
 }
@@ -243,8 +266,18 @@ pub struct ConfigPatch {
     pub slow_body_ms: Option<u64>,
     /// See [`Config::reset_rate`].
     pub reset_rate: Option<f64>,
-    /// Sets the number of upcoming admitted requests that answer 500.
+    /// Sets the number of upcoming admitted requests that answer 500 (or `error_status`).
     pub error_burst: Option<u64>,
+    /// See [`Config::error_status`].
+    pub error_status: Option<u16>,
+    /// Replaces the whole list. See [`Config::hanging_keys`].
+    pub hanging_keys: Option<Vec<ApiKey>>,
+    /// Replaces the whole list. See [`Config::resetting_keys`].
+    pub resetting_keys: Option<Vec<ApiKey>>,
+    /// See [`Config::slow_body_chunk_bytes`].
+    pub slow_body_chunk_bytes: Option<u64>,
+    /// See [`Config::truncate_rate`].
+    pub truncate_rate: Option<f64>,
 }
 
 #[expect(
@@ -272,6 +305,9 @@ pub enum ConfigError {
         /// Its value.
         value: f64,
     },
+    /// An error status outside 500..=599.
+    #[error("error_status must be a 5xx status (500..=599), got {0}; e.g. 502 or 503")]
+    ErrorStatus(u16),
     /// A duration that is not a positive finite number of seconds.
     #[error("{field} must be a positive number of seconds, got {value}; e.g. 1 or 0.5")]
     Seconds {
@@ -287,6 +323,14 @@ fn probability(field: &'static str, value: f64) -> Result<f64, ConfigError> {
         Ok(value)
     } else {
         Err(ConfigError::Probability { field, value })
+    }
+}
+
+fn error_status(code: u16) -> Result<u16, ConfigError> {
+    if (500..=599).contains(&code) {
+        Ok(code)
+    } else {
+        Err(ConfigError::ErrorStatus(code))
     }
 }
 
@@ -319,6 +363,11 @@ pub(crate) struct Settings {
     pub(crate) hang: Duration,
     pub(crate) slow_body: Duration,
     pub(crate) reset_rate: f64,
+    pub(crate) error_status: u16,
+    pub(crate) hanging_keys: HashSet<Box<str>>,
+    pub(crate) resetting_keys: HashSet<Box<str>>,
+    pub(crate) slow_body_chunk: usize,
+    pub(crate) truncate_rate: f64,
 }
 
 impl Settings {
@@ -370,6 +419,21 @@ impl Settings {
         if let Some(v) = p.reset_rate {
             s.reset_rate = probability("reset_rate", v)?;
         }
+        if let Some(v) = p.error_status {
+            s.error_status = error_status(v)?;
+        }
+        if let Some(v) = &p.hanging_keys {
+            s.hanging_keys = key_set(v);
+        }
+        if let Some(v) = &p.resetting_keys {
+            s.resetting_keys = key_set(v);
+        }
+        if let Some(v) = p.slow_body_chunk_bytes {
+            s.slow_body_chunk = usize::try_from(v).unwrap_or(usize::MAX);
+        }
+        if let Some(v) = p.truncate_rate {
+            s.truncate_rate = probability("truncate_rate", v)?;
+        }
         Ok(s)
     }
 
@@ -396,6 +460,11 @@ impl Settings {
             slow_body_ms: millis(self.slow_body),
             reset_rate: self.reset_rate,
             error_burst,
+            error_status: self.error_status,
+            hanging_keys: masked(&self.hanging_keys),
+            resetting_keys: masked(&self.resetting_keys),
+            slow_body_chunk_bytes: u64::try_from(self.slow_body_chunk).unwrap_or(u64::MAX),
+            truncate_rate: self.truncate_rate,
         }
     }
 }
@@ -437,8 +506,18 @@ pub struct SettingsView {
     pub slow_body_ms: u64,
     /// Probability of a dropped connection.
     pub reset_rate: f64,
-    /// Upcoming admitted requests that will answer 500.
+    /// Upcoming admitted requests that will answer with `error_status`.
     pub error_burst: u64,
+    /// Status of injected errors.
+    pub error_status: u16,
+    /// Masked keys whose requests hang.
+    pub hanging_keys: Vec<String>,
+    /// Masked keys whose connections are dropped.
+    pub resetting_keys: Vec<String>,
+    /// Bytes per part of a slow body (0 = 8 parts).
+    pub slow_body_chunk_bytes: u64,
+    /// Probability of a body cut off half way.
+    pub truncate_rate: f64,
 }
 
 #[cfg(test)]

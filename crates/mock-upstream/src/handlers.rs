@@ -28,6 +28,8 @@ const RATELIMIT_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset")
 
 /// Largest request body `/echo` reads.
 const ECHO_BODY_LIMIT: usize = 2 * 1024 * 1024;
+/// How long a truncated answer waits after its first half before the connection drops.
+const TRUNCATE_PAUSE: Duration = Duration::from_millis(50);
 /// A slow body is sent in this many parts.
 const SLOW_BODY_PARTS: usize = 8;
 
@@ -194,7 +196,10 @@ struct Plan {
     latency: Duration,
     hang: Option<Duration>,
     error: Option<&'static str>,
+    error_status: StatusCode,
     slow_body: Duration,
+    slow_chunk: usize,
+    truncate: bool,
 }
 
 /// Go on with a plan, answer at once, or drop the connection (`reset_rate`).
@@ -239,6 +244,8 @@ fn plan(state: &MockState, headers: &HeaderMap, query_key: Option<&str>) -> Deci
     }
     // Drawn only for requests that will wait, so refusals do not shift a seeded sequence.
     let latency = || s.latency + state.jitter(s.latency_jitter_ms);
+    let error_status =
+        StatusCode::from_u16(s.error_status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     if s.failing_keys.contains(raw) {
         let rate = key.peek_headers(&s, now);
         return Decision::Proceed(Plan {
@@ -247,7 +254,10 @@ fn plan(state: &MockState, headers: &HeaderMap, query_key: Option<&str>) -> Deci
             latency: latency(),
             hang: None,
             error: Some("this API key is broken upstream (failing_keys)"),
+            error_status,
             slow_body: Duration::ZERO,
+            slow_chunk: 0,
+            truncate: false,
         });
     }
     let (gate, rate) = key.gate(&s, now);
@@ -278,12 +288,12 @@ fn plan(state: &MockState, headers: &HeaderMap, query_key: Option<&str>) -> Deci
         }
     }
     inc(&key.counters.admitted);
-    // Fixed roll order keeps seeded runs repeatable.
-    if state.roll(s.reset_rate) {
+    // Fixed roll order keeps seeded runs repeatable (a per-key fault skips its roll).
+    if s.resetting_keys.contains(raw) || state.roll(s.reset_rate) {
         inc(&state.faults().resets);
         return Decision::DropConnection;
     }
-    let hang = state.roll(s.timeout_rate).then_some(s.hang);
+    let hang = (s.hanging_keys.contains(raw) || state.roll(s.timeout_rate)).then_some(s.hang);
     let error = if state.take_burst() {
         inc(&state.faults().burst_errors);
         Some("simulated upstream failure (error_burst)")
@@ -293,13 +303,17 @@ fn plan(state: &MockState, headers: &HeaderMap, query_key: Option<&str>) -> Deci
     } else {
         None
     };
+    let truncate = error.is_none() && state.roll(s.truncate_rate);
     Decision::Proceed(Plan {
         key,
         rate,
         latency: latency(),
         hang,
         error,
+        error_status,
         slow_body: s.slow_body,
+        slow_chunk: s.slow_body_chunk,
+        truncate,
     })
 }
 
@@ -359,7 +373,7 @@ async fn keyed(state: &MockState, endpoint: Endpoint, req: Request) -> Response 
     }
     let response = if let Some(message) = plan.error {
         inc(&key.counters.errors);
-        error(StatusCode::INTERNAL_SERVER_ERROR, "upstream_error", message)
+        error(plan.error_status, "upstream_error", message)
     } else {
         match endpoint {
             Endpoint::Price => price_answer(key, query.id.as_deref()),
@@ -373,9 +387,14 @@ async fn keyed(state: &MockState, endpoint: Endpoint, req: Request) -> Response 
         if let Some(id) = &query.id {
             state.count_id(id);
         }
+        if plan.truncate {
+            inc(&state.faults().truncated);
+            return with_rate_headers(truncated(response).await, plan.rate);
+        }
         if !plan.slow_body.is_zero() {
             inc(&state.faults().slow_bodies);
-            return with_rate_headers(slow(response, plan.slow_body).await, plan.rate);
+            let slowed = slow(response, plan.slow_body, plan.slow_chunk).await;
+            return with_rate_headers(slowed, plan.rate);
         }
     }
     with_rate_headers(response, plan.rate)
@@ -455,14 +474,20 @@ async fn echo_answer(key: &KeyState, parts: &axum::http::request::Parts, body: B
     .into_response()
 }
 
-/// Re-sends a (small, buffered) JSON body in parts spread over `over`.
-async fn slow(response: Response, over: Duration) -> Response {
+/// Re-sends a (small, buffered) JSON body in parts of `chunk` bytes (0 = in 8 parts) spread
+/// evenly over `over`.
+async fn slow(response: Response, over: Duration, chunk: usize) -> Response {
     let (parts, body) = response.into_parts();
     let bytes = axum::body::to_bytes(body, usize::MAX)
         .await
         .unwrap_or_default();
-    let size = bytes.len().div_ceil(SLOW_BODY_PARTS).max(1);
-    let pause = over / u32::try_from(SLOW_BODY_PARTS).unwrap_or(1);
+    let size = if chunk == 0 {
+        bytes.len().div_ceil(SLOW_BODY_PARTS).max(1)
+    } else {
+        chunk
+    };
+    let count = bytes.len().div_ceil(size).max(1);
+    let pause = over / u32::try_from(count).unwrap_or(u32::MAX);
     let chunks: Vec<Bytes> = (0..bytes.len())
         .step_by(size)
         .map(|start| bytes.slice(start..(start + size).min(bytes.len())))
@@ -473,6 +498,28 @@ async fn slow(response: Response, over: Duration) -> Response {
     });
     let mut parts = parts;
     parts.headers.remove(header::CONTENT_LENGTH);
+    Response::from_parts(parts, Body::from_stream(stream))
+}
+
+/// Sends the headers (with the full `Content-Length`) and the first half of the body, then
+/// fails the body, which drops the connection: the client sees a reset mid-answer.
+async fn truncated(response: Response) -> Response {
+    let (mut parts, body) = response.into_parts();
+    let bytes = axum::body::to_bytes(body, usize::MAX)
+        .await
+        .unwrap_or_default();
+    parts
+        .headers
+        .insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+    let half = bytes.slice(..bytes.len() / 2);
+    // The pause lets the headers and the first half leave before the connection is dropped.
+    let stream =
+        futures::stream::once(async move { Ok(half) }).chain(futures::stream::once(async {
+            tokio::time::sleep(TRUNCATE_PAUSE).await;
+            Err(std::io::Error::other(
+                "connection dropped mid-body (truncate_rate)",
+            ))
+        }));
     Response::from_parts(parts, Body::from_stream(stream))
 }
 

@@ -4,8 +4,10 @@
 //! seconds, counted at arrival; refused requests do not count). Over the limit the mock answers
 //! 429 with `Retry-After` (whole seconds, rounded up) and `retry-after-ms` (milliseconds until
 //! the oldest admitted request leaves the window, rounded up). Latency is applied after
-//! admission; 401, 402 and 429 answer at once. Faults (random 500s, failing keys, hangs, slow
-//! bodies, dropped connections, error bursts) are off by default and can be changed at run time.
+//! admission; 401, 402 and 429 answer at once. Faults are off by default and can be changed at
+//! run time: random or burst errors (500, or any 5xx with `error_status`), keys that always fail,
+//! hang or have their connection dropped, hangs (timeouts), slow bodies (in parts or dribbled
+//! byte by byte), connections dropped before the answer or half way through its body.
 //!
 //! # Endpoints
 //! - `GET /price?id=ID` → `{"id", "price", "key" (masked), "key_index"}`; the price is

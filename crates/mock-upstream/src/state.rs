@@ -78,6 +78,7 @@ pub(crate) struct KeyCounters {
 pub(crate) struct FaultCounters {
     pub(crate) timeouts: AtomicU64,
     pub(crate) resets: AtomicU64,
+    pub(crate) truncated: AtomicU64,
     pub(crate) slow_bodies: AtomicU64,
     pub(crate) burst_errors: AtomicU64,
     pub(crate) random_errors: AtomicU64,
@@ -266,6 +267,7 @@ impl MockState {
             faults: FaultStats {
                 timeouts: get(&f.timeouts),
                 resets: get(&f.resets),
+                truncated: get(&f.truncated),
                 slow_bodies: get(&f.slow_bodies),
                 burst_errors: get(&f.burst_errors),
                 random_errors: get(&f.random_errors),
@@ -301,6 +303,7 @@ impl MockState {
             &i.ids_overflow,
             &f.timeouts,
             &f.resets,
+            &f.truncated,
             &f.slow_bodies,
             &f.burst_errors,
             &f.random_errors,

@@ -36,7 +36,7 @@ pub struct KeyStats {
     pub admitted_ok: u64,
     /// Requests answered 429.
     pub rate_limited: u64,
-    /// Requests answered 500 (failing key, random error or burst).
+    /// Requests answered with the error status (failing key, random error or burst).
     pub errors: u64,
     /// Requests answered 401 because the key is revoked.
     pub unauthorized: u64,
@@ -47,15 +47,18 @@ pub struct KeyStats {
 /// How often each fault was injected.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FaultStats {
-    /// Requests that hung (`timeout_rate`).
+    /// Requests that hung (`timeout_rate`, `hanging_keys`).
     pub timeouts: u64,
-    /// Connections dropped without an answer (`reset_rate`).
+    /// Connections dropped without an answer (`reset_rate`, `resetting_keys`).
     pub resets: u64,
+    /// Answers cut off half way through the body (`truncate_rate`).
+    #[serde(default)]
+    pub truncated: u64,
     /// Bodies streamed slowly (`slow_body_ms`).
     pub slow_bodies: u64,
-    /// 500s from `error_burst`.
+    /// Errors from `error_burst`.
     pub burst_errors: u64,
-    /// 500s from `error_rate`.
+    /// Errors from `error_rate`.
     pub random_errors: u64,
 }
 

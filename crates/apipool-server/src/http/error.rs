@@ -19,6 +19,9 @@ pub struct ErrorBody {
     pub detail: String,
 }
 
+/// The detail of a 503 when the database cannot be reached.
+pub const DATABASE_UNAVAILABLE: &str = "the database is unavailable right now (down or refusing connections), so this request was not completed; retry in a few seconds";
+
 /// Result of a handler.
 pub type ApiResult<T, E = ApiError> = Result<T, E>;
 
@@ -105,6 +108,7 @@ impl ApiError {
             }
             Self::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Database(e) if crate::db::is_unavailable(e) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) | Self::Database(_) | Self::Vault(_) => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
@@ -116,6 +120,10 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
         let body = match &self {
+            Self::Database(e) if crate::db::is_unavailable(e) => {
+                tracing::warn!(error = %e, "request failed: the database is unavailable");
+                serde_json::json!({ "detail": DATABASE_UNAVAILABLE })
+            }
             Self::Internal(_) | Self::Database(_) | Self::Vault(_) => {
                 // `{:#}` prints the cause chain; none of our errors carry secrets.
                 tracing::error!(error = %self, "request failed with an internal error");
@@ -131,6 +139,10 @@ impl IntoResponse for ApiError {
             Self::Unauthorized(_) => {
                 resp.headers_mut()
                     .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            Self::Database(e) if crate::db::is_unavailable(e) => {
+                resp.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
             }
             Self::TooManyRequests { retry_after, .. } => {
                 let secs = retry_after.as_secs().max(1).to_string();

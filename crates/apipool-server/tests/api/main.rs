@@ -3,10 +3,12 @@
 //! (PostgreSQL at APIPOOL_TEST_POSTGRES_URL, default postgres://postgres@127.0.0.1:5432/test).
 
 mod auth;
+mod faults;
 mod health;
 mod helpers;
 mod import;
 mod keys;
+mod load;
 mod pools;
 mod proxy;
 mod proxy_engine;

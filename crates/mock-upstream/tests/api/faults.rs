@@ -204,3 +204,123 @@ async fn daily_quota_answers_402_once_used_up() {
     let k1 = server.key_stats("k1").expect("known");
     assert_eq!((k1.admitted, k1.quota_exhausted), (2, 2));
 }
+
+#[tokio::test]
+async fn error_status_sets_the_status_of_injected_errors() {
+    let server = start(Config {
+        error_burst: 2,
+        error_status: 503,
+        ..config(&["k1"])
+    })
+    .await;
+    let c = client();
+    let r = price(&c, &server, "k1", "x").await;
+    assert_eq!(r.status(), 503);
+    assert_eq!(json(r).await["error"], "upstream_error");
+    let patch = ConfigPatch {
+        error_status: Some(502),
+        ..ConfigPatch::default()
+    };
+    assert_eq!(server.update(&patch).map(|v| v.error_status), Ok(502));
+    assert_eq!(status(&c, &server, "k1", "x").await, 502);
+    assert_eq!(status(&c, &server, "k1", "x").await, 200);
+    let bad = ConfigPatch {
+        error_status: Some(404),
+        ..ConfigPatch::default()
+    };
+    assert!(server.update(&bad).is_err(), "only 5xx statuses");
+    assert_eq!(server.stats().faults.burst_errors, 2);
+}
+
+#[tokio::test]
+async fn hanging_and_resetting_keys_fail_only_for_those_keys() {
+    let mut cfg = Config {
+        hang_ms: 30_000,
+        ..config(&["hang", "reset", "good"])
+    };
+    cfg.hanging_keys = vec!["hang".parse().expect("key")];
+    cfg.resetting_keys = vec!["reset".parse().expect("key")];
+    let server = start(cfg).await;
+    let c = reqwest::Client::builder()
+        .timeout(Duration::from_millis(500))
+        .build()
+        .expect("client");
+    let send = |key: &'static str| {
+        c.get(format!("{}/price?id=x", server.url()))
+            .bearer_auth(key)
+            .send()
+    };
+    let err = send("hang").await.expect_err("hangs");
+    assert!(err.is_timeout(), "{err:?}");
+    let err = send("reset").await.expect_err("dropped");
+    assert!(!err.is_timeout() && err.status().is_none(), "{err:?}");
+    assert_eq!(send("good").await.expect("answer").status(), 200);
+    let stats = server.stats();
+    assert_eq!((stats.faults.timeouts, stats.faults.resets), (1, 1));
+    let view = server.settings();
+    assert_eq!((view.hanging_keys.len(), view.resetting_keys.len()), (1, 1));
+    assert!(!format!("{view:?}").contains("reset\""), "keys are masked");
+    // Lists are replaced whole at run time.
+    let patch = ConfigPatch {
+        hanging_keys: Some(Vec::new()),
+        resetting_keys: Some(Vec::new()),
+        ..ConfigPatch::default()
+    };
+    server.update(&patch).expect("valid patch");
+    assert_eq!(send("hang").await.expect("answer").status(), 200);
+    assert_eq!(send("reset").await.expect("answer").status(), 200);
+}
+
+#[tokio::test]
+async fn slow_body_can_dribble_byte_by_byte() {
+    let server = start(Config {
+        slow_body_ms: 600,
+        slow_body_chunk_bytes: 1,
+        ..config(&["k1"])
+    })
+    .await;
+    let c = client();
+    let mut resp = price(&c, &server, "k1", "eth").await;
+    assert_eq!(resp.status(), 200);
+    let mut chunks = 0;
+    let mut body = Vec::new();
+    while let Some(chunk) = resp.chunk().await.expect("the body arrives") {
+        chunks += 1;
+        body.extend_from_slice(&chunk);
+    }
+    let v: serde_json::Value = serde_json::from_slice(&body).expect("the whole JSON body");
+    assert_eq!(v["id"], "eth");
+    // One write per byte (the client may merge a few, never most).
+    assert!(
+        chunks > body.len() / 2,
+        "{chunks} chunks for {} bytes",
+        body.len()
+    );
+    assert_eq!(server.settings().slow_body_chunk_bytes, 1);
+}
+
+#[tokio::test]
+async fn truncate_rate_cuts_the_body_off_half_way() {
+    let server = start(Config {
+        truncate_rate: 1.0,
+        ..config(&["k1"])
+    })
+    .await;
+    let c = client();
+    let resp = price(&c, &server, "k1", "eth").await;
+    assert_eq!(resp.status(), 200, "headers arrive");
+    let announced = resp.content_length().expect("a Content-Length");
+    let err = resp.bytes().await.expect_err("the body is cut off");
+    assert!(err.is_body() || err.is_decode(), "{err:?}");
+    assert!(announced > 0);
+    assert_eq!(server.stats().faults.truncated, 1);
+    let patch = ConfigPatch {
+        truncate_rate: Some(0.0),
+        ..ConfigPatch::default()
+    };
+    server.update(&patch).expect("valid patch");
+    assert_eq!(
+        json(price(&c, &server, "k1", "eth").await).await["id"],
+        "eth"
+    );
+}
