@@ -11,6 +11,11 @@
 //!   is also announced to the other replicas, whose live engines apply it at once (see
 //!   [`crate::replicas`]); a background task re-syncs every live pool every [`RESYNC_INTERVAL`]
 //!   as well, in case an announcement was missed.
+//! * With `redis_url` set, every engine keeps its key state (rate-limit windows, calls in flight,
+//!   cooldowns, bans, hand-made disable/archive) in Redis under `{redis_prefix}:{pool row id}`, so
+//!   the replicas share each key's limits; keys are named there by their identifier, never by the
+//!   raw key. While Redis is unreachable a pool fails closed (the proxy answers 503) or open (this
+//!   process's own state, with a warning), as `redis_on_unavailable` says.
 //! * Keys are identified in the engine by their row id (never the raw key); statistics name them
 //!   by their identifier and the pool by its row id, through one [`StatsCollector`] writing into
 //!   the server's own database.
@@ -32,10 +37,11 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use url::Url;
 
+use crate::config::{Config, RedisFailMode};
 use crate::db::{Db, DbKind};
 use crate::http::error::{ApiError, ApiResult};
 use crate::proxy::target::{Upstream, parse_base_url};
-use crate::replicas::{self, Change};
+use crate::replicas::{self, Change, RedisProbe};
 use crate::vault::{self, Sealed, Vault, key_aad_id};
 
 /// How often live pools are re-read from the database (a safety net: other replicas' changes are
@@ -323,6 +329,15 @@ pub struct Engines {
     replica: String,
     /// Pools whose build was under way when another replica announced a change to them.
     changed_while_building: parking_lot::Mutex<std::collections::HashSet<String>>,
+    /// Where every engine keeps its key state when Redis is configured.
+    redis: Option<SharedState>,
+}
+
+/// The Redis every engine shares its key state on.
+struct SharedState {
+    store: apipool::RedisStoreConfig,
+    mode: RedisFailMode,
+    probe: RedisProbe,
 }
 
 impl std::fmt::Debug for Engines {
@@ -351,8 +366,36 @@ struct Member {
 }
 
 impl Engines {
-    /// Opens the registry and its stats collector on the server's database (`database_url`).
-    pub async fn open(db: Db, vault: Arc<Vault>, database_url: &str) -> anyhow::Result<Self> {
+    /// Opens the registry and its stats collector on the server's database, with the key-state
+    /// store the configuration asks for (in memory, or Redis).
+    pub async fn open(db: Db, vault: Arc<Vault>, config: &Config) -> anyhow::Result<Self> {
+        let database_url = config.effective_database_url();
+        let redis = match &config.redis_url {
+            None => None,
+            Some(url) => {
+                let store = apipool::RedisStoreConfig::new(url)
+                    .map_err(|e| anyhow::anyhow!("redis_url: {e}"))?
+                    .prefix(config.redis_prefix.clone())
+                    .on_unavailable(match config.redis_on_unavailable {
+                        RedisFailMode::Closed => apipool::OnUnavailable::FailClosed,
+                        RedisFailMode::Open => apipool::OnUnavailable::FailOpen,
+                    });
+                let probe = RedisProbe::new(url)?;
+                if !probe.ping().await {
+                    tracing::warn!(
+                        endpoint = store.endpoint(),
+                        on_unavailable = ?config.redis_on_unavailable,
+                        "Redis is unreachable at start; pools connect as soon as it is back"
+                    );
+                }
+                Some(SharedState {
+                    store,
+                    mode: config.redis_on_unavailable,
+                    probe,
+                })
+            }
+        };
+        let database_url = database_url.as_str();
         let stats = StatsCollector::aopen_with(
             database_url,
             // The stats handlers flush once per request themselves.
@@ -390,7 +433,21 @@ impl Engines {
             database_url: database_url.to_owned(),
             replica: uuid::Uuid::new_v4().simple().to_string(),
             changed_while_building: parking_lot::Mutex::new(std::collections::HashSet::new()),
+            redis,
         })
+    }
+
+    /// Whether Redis answers (`None`: no Redis configured).
+    pub async fn redis_reachable(&self) -> Option<bool> {
+        match &self.redis {
+            Some(r) => Some(r.probe.ping().await),
+            None => None,
+        }
+    }
+
+    /// What the pools do while Redis is unreachable (`None`: no Redis configured).
+    pub fn redis_fail_mode(&self) -> Option<RedisFailMode> {
+        self.redis.as_ref().map(|r| r.mode)
     }
 
     /// The statistics collector (events of every pool; `pool` = the pool's row id). Call
@@ -571,15 +628,25 @@ impl Engines {
         let identifier: String = row.try_get("identifier")?;
         let clock = self.clock.read().clone();
         // A pool may well have no members yet: its engine starts empty.
-        let manager = ApiKeyManager::builder()
+        let builder = ApiKeyManager::builder()
             .allow_empty(true)
             .stats(self.sink.clone())
             .name(id.to_owned())
-            .clock(SharedEngineClock(clock.clone()))
-            .build()
-            .map_err(|e| {
-                ApiError::Internal(anyhow::anyhow!("cannot build the pool engine: {e}"))
-            })?;
+            .clock(SharedEngineClock(clock.clone()));
+        let built = match &self.redis {
+            None => builder.build(),
+            // Its state lives under `{prefix}:{pool id}`. Building connects and loads the scripts
+            // (blocking I/O, bounded by the connect timeout): off the async threads.
+            Some(r) => {
+                let builder = builder.redis(r.store.clone());
+                tokio::task::spawn_blocking(move || builder.build())
+                    .await
+                    .map_err(|e| ApiError::Internal(anyhow::anyhow!("{e}")))?
+            }
+        };
+        let manager = built.map_err(|e| {
+            ApiError::Internal(anyhow::anyhow!("cannot build the pool engine: {e}"))
+        })?;
         let pool = Arc::new(LivePool {
             id: id.to_owned(),
             user_id,

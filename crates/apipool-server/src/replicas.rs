@@ -142,6 +142,61 @@ pub(crate) async fn listen(
     }
 }
 
+/// Answers "does Redis answer?" for `/ready`, on one cached connection (re-made after a failure).
+pub struct RedisProbe {
+    client: redis::Client,
+    conn: tokio::sync::Mutex<Option<redis::aio::MultiplexedConnection>>,
+}
+
+impl std::fmt::Debug for RedisProbe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The URL may carry a password.
+        f.debug_struct("RedisProbe")
+            .field(
+                "endpoint",
+                &self.client.get_connection_info().addr().to_string(),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+/// How long `/ready` waits for Redis.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+
+impl RedisProbe {
+    /// A probe of the Redis at `url` (nothing connects yet).
+    pub fn new(url: &str) -> anyhow::Result<Self> {
+        let client = redis::Client::open(url)
+            .map_err(|e| anyhow::anyhow!("redis_url is not a Redis URL ({:?})", e.kind()))?;
+        Ok(Self {
+            client,
+            conn: tokio::sync::Mutex::new(None),
+        })
+    }
+
+    /// `PING` within [`PROBE_TIMEOUT`].
+    pub async fn ping(&self) -> bool {
+        let mut conn = self.conn.lock().await;
+        let answered = tokio::time::timeout(PROBE_TIMEOUT, async {
+            if conn.is_none() {
+                *conn = Some(self.client.get_multiplexed_async_connection().await?);
+            }
+            match conn.as_mut() {
+                Some(c) => redis::cmd("PING").query_async::<String>(c).await,
+                None => Ok(String::new()),
+            }
+        })
+        .await;
+        match answered {
+            Ok(Ok(pong)) if pong == "PONG" => true,
+            _ => {
+                *conn = None;
+                false
+            }
+        }
+    }
+}
+
 async fn subscribe(database_url: &str) -> Result<PgListener, sqlx::Error> {
     let mut listener = PgListener::connect(database_url).await?;
     listener.listen(CHANNEL).await?;

@@ -88,7 +88,7 @@ impl Application {
             crate::auth::hash_password(&SecretString::from("apipool-dummy-password"))
         })
         .await??;
-        let engines = Engines::open(db.clone(), vault.clone(), &config.effective_database_url())
+        let engines = Engines::open(db.clone(), vault.clone(), &config)
             .await
             .context("cannot start the pool engines")?;
         let http = reqwest::Client::builder()

@@ -9,6 +9,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::AppState;
+use crate::config::RedisFailMode;
 
 /// Liveness.
 #[derive(Debug, Serialize, ToSchema)]
@@ -22,10 +23,14 @@ pub struct Health {
 /// Readiness.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Ready {
-    /// `ready` or `unavailable`
+    /// `ready`, `degraded` (Redis is down and the pools fail open: calls are served with this
+    /// process's own key state) or `unavailable`
     pub status: &'static str,
     /// Whether the database answered.
     pub database: bool,
+    /// Whether Redis answered (absent when no Redis is configured).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis: Option<bool>,
 }
 
 pub(super) fn api_router() -> OpenApiRouter<AppState> {
@@ -57,25 +62,25 @@ async fn api_health() -> Json<Health> {
     health_body()
 }
 
-/// Readiness: 200 when the database answers, else 503.
+/// Readiness: 200 when the database answers and (if configured) Redis answers or the pools fail
+/// open; else 503.
 #[utoipa::path(get, path = "/ready", tag = "health",
     responses((status = 200, body = Ready), (status = 503, body = Ready)))]
 async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Ready>) {
-    if state.db.ping().await {
-        (
-            StatusCode::OK,
-            Json(Ready {
-                status: "ready",
-                database: true,
-            }),
-        )
-    } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(Ready {
-                status: "unavailable",
-                database: false,
-            }),
-        )
-    }
+    let (database, redis) = tokio::join!(state.db.ping(), state.engines.redis_reachable());
+    let fails_open = state.engines.redis_fail_mode() == Some(RedisFailMode::Open);
+    let (code, status) = match (database, redis) {
+        (false, _) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+        (true, None | Some(true)) => (StatusCode::OK, "ready"),
+        (true, Some(false)) if fails_open => (StatusCode::OK, "degraded"),
+        (true, Some(false)) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+    };
+    (
+        code,
+        Json(Ready {
+            status,
+            database,
+            redis,
+        }),
+    )
 }

@@ -122,6 +122,8 @@ enum ProxyError {
     Exhausted(Duration),
     /// No key can become free by waiting.
     NoUsableKeys,
+    /// The shared key-state store (Redis) is unreachable and the pools fail closed.
+    StoreUnavailable,
     /// The pool is switched off.
     Disabled(String),
     /// The upstream did not answer in time.
@@ -143,7 +145,9 @@ impl ProxyError {
         match self {
             Self::Api(e) => e.status(),
             Self::Exhausted(_) => StatusCode::TOO_MANY_REQUESTS,
-            Self::NoUsableKeys | Self::Disabled(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::NoUsableKeys | Self::Disabled(_) | Self::StoreUnavailable => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Self::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Self::Upstream(_) => StatusCode::BAD_GATEWAY,
             Self::Config(_) => StatusCode::UNPROCESSABLE_ENTITY,
@@ -160,6 +164,7 @@ impl ProxyError {
             Self::NoUsableKeys => {
                 "no usable key: the pool has no keys, or all are disabled, archived or invalid; add, enable or restore keys".to_owned()
             }
+            Self::StoreUnavailable => "the key-state store (Redis) shared by this server's replicas is unreachable, and the server fails closed (APIPOOL_REDIS_ON_UNAVAILABLE=closed) so that no key's limit is overdrawn: no call was sent upstream; retry shortly (the server reconnects by itself), or ask the operator to restore Redis".to_owned(),
             Self::Disabled(p) => format!("pool '{p}' is disabled; enable it with PUT /api/v1/pools/{p}"),
             Self::Timeout(d) => format!(
                 "the upstream did not answer within the pool's timeout ({}s)",
@@ -173,6 +178,7 @@ impl ProxyError {
     fn retry_after(&self) -> Option<Duration> {
         match self {
             Self::Exhausted(d) => Some(*d),
+            Self::StoreUnavailable => Some(Duration::from_secs(1)),
             _ => None,
         }
     }
@@ -237,6 +243,7 @@ fn call_error(e: CallError<OpError>, view: &PoolView) -> ProxyError {
             ProxyError::Exhausted(retry_after.unwrap_or(Duration::from_secs(1)))
         }
         CallError::Pool(PoolError::NoUsableKeys) => ProxyError::NoUsableKeys,
+        CallError::Pool(PoolError::StoreUnavailable { .. }) => ProxyError::StoreUnavailable,
         CallError::Pool(other) => ProxyError::Api(ApiError::Internal(anyhow::anyhow!("{other}"))),
         CallError::Timeout { .. } => ProxyError::Timeout(view.timeout),
         CallError::Failed { error, .. } => match op_error(error) {

@@ -1,47 +1,184 @@
-//! Two replicas on one PostgreSQL database behave as one server: changes applied by the other
-//! replica's live engines within a second, token revocation seen by both, master-key rotation
-//! while both run.
+//! Two replicas on one PostgreSQL database (and one Redis) behave as one server: shared limits,
+//! changes applied by the other replica's live engines within a second, token revocation seen by
+//! both, master-key rotation while both run, and both Redis failure modes.
 //!
-//! Each test gets a fresh PostgreSQL database. The replicas are two `Application`s in this process
-//! that share nothing but the database (and the master key, given to both as `APIPOOL_MASTER_KEY`
-//! would be).
+//! Each test gets a fresh PostgreSQL database and its own Redis key prefix. The replicas are two
+//! `Application`s in this process that share nothing but the database and Redis (and the master
+//! key, given to both as `APIPOOL_MASTER_KEY` would be).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use apipool_server::clock::Clock;
-use apipool_server::config::Config;
+use apipool_server::config::{Config, RedisFailMode};
 use apipool_server::db::Db;
 use apipool_server::vault::{self, KeySource, MasterKey, RotateOptions};
 use secrecy::SecretString;
 use serde_json::{Value, json};
 
-use crate::helpers::{ADMIN, ADMIN_PASSWORD, Backend, TestApp, expect_error, start, test_config};
-use crate::proxy_helpers::{
-    add_key, eventually, get_via_invoke, key_health, make_pool, mock, status, upstream,
+use crate::helpers::{
+    ADMIN, ADMIN_PASSWORD, Backend, TestApp, captured_logs, contains, expect_error, start,
+    test_config,
 };
+use crate::proxy_helpers::{
+    add_key, eventually, get_via_invoke, key_health, make_pool, mock, mock_with, status, upstream,
+};
+
+/// The Redis the tests use.
+fn redis_url() -> String {
+    std::env::var("APIPOOL_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
+}
+
+/// A Redis URL nothing listens on.
+const REDIS_DOWN: &str = "redis://127.0.0.1:1";
 
 /// Two replicas on a fresh PostgreSQL database; `a` owns (and drops) the database, so it is
 /// declared last (dropped after `b`).
 struct Replicas {
     b: TestApp,
     a: TestApp,
+    /// This test's Redis key prefix.
+    redis_prefix: String,
 }
 
+/// Two replicas with their key state in memory, each on its own.
 async fn replicas(tweak: impl Fn(&mut Config)) -> Replicas {
     let (mut config, dir, pg_db) = test_config(Backend::Postgres).await;
     let master = MasterKey::generate();
     config.master_key = Some(SecretString::from(master.encode().to_string()));
+    config.redis_prefix = format!("apipool-test-{}", uuid::Uuid::new_v4().simple());
     tweak(&mut config);
     let a = start(config.clone(), dir, pg_db).await;
-    // Same database, same master key (nothing is kept in the data directory).
+    // Same database, same Redis, same master key (nothing is kept in the data directory).
+    let redis_prefix = config.redis_prefix.clone();
     let b = start(config, tempfile::tempdir().expect("tempdir"), None).await;
-    Replicas { a, b }
+    Replicas { b, a, redis_prefix }
+}
+
+/// Two replicas sharing their key state on the test Redis.
+async fn replicas_on_redis() -> Replicas {
+    replicas(|c| c.redis_url = Some(redis_url())).await
+}
+
+impl Replicas {
+    /// Deletes this test's Redis keys.
+    async fn clean_redis(&self) {
+        let Ok(client) = redis::Client::open(redis_url()) else {
+            return;
+        };
+        let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
+            return;
+        };
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{}:*", self.redis_prefix))
+            .query_async(&mut conn)
+            .await
+            .unwrap_or_default();
+        if !keys.is_empty() {
+            let _: Result<(), _> = redis::cmd("DEL").arg(keys).query_async(&mut conn).await;
+        }
+    }
+}
+
+/// The replica serving request `i` when clients alternate between them.
+fn pick(r: &Replicas, i: usize) -> &TestApp {
+    if i.is_multiple_of(2) { &r.a } else { &r.b }
+}
+
+const LIMIT_KEYS: [&str; 3] = ["sk-lim-1", "sk-lim-2", "sk-lim-3"];
+const LIMIT_RATE: u32 = 5;
+const LIMIT_CALLS: usize = 60;
+
+/// Eight clients alternate between the replicas for [`LIMIT_CALLS`] calls through a pool of
+/// three keys limited to 5 calls/s each (the upstream's own limit). Returns the upstream's
+/// statistics, the answers and how long it took.
+async fn alternate_through_a_limited_pool(
+    r: Arc<Replicas>,
+) -> (mock_upstream::StatsSnapshot, Vec<(u16, Value)>, Duration) {
+    let upstream_mock = mock_with(&LIMIT_KEYS, |c| {
+        c.rate = LIMIT_RATE;
+        c.interval = 1.0;
+    })
+    .await;
+    let t = r.a.admin_token.clone();
+    for (i, raw) in LIMIT_KEYS.iter().enumerate() {
+        add_key(&r.a, &t, &format!("lim{i}"), raw, None).await;
+    }
+    let mut extra = upstream(&upstream_mock.url(), "bearer");
+    extra["pool_config"] = json!({ "rate_limit": LIMIT_RATE, "rate_limit_interval": 1 });
+    make_pool(&r.a, &t, "limited", &["lim0", "lim1", "lim2"], extra).await;
+    let started = Instant::now();
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut clients = Vec::new();
+    for _ in 0..8 {
+        let (r, next, t) = (r.clone(), next.clone(), t.clone());
+        clients.push(tokio::spawn(async move {
+            let mut answers = Vec::new();
+            loop {
+                let i = next.fetch_add(1, Ordering::SeqCst);
+                if i >= LIMIT_CALLS {
+                    break answers;
+                }
+                let a = get_via_invoke(
+                    pick(&r, i),
+                    &t,
+                    "limited",
+                    "/price",
+                    json!({ "id": format!("item-{i}") }),
+                )
+                .await;
+                answers.push((a.status, a.body));
+            }
+        }));
+    }
+    let mut answers = Vec::new();
+    for c in clients {
+        answers.extend(c.await.expect("client"));
+    }
+    (upstream_mock.stats(), answers, started.elapsed())
+}
+
+async fn shared_limits_hold_across_replicas() {
+    let r = Arc::new(replicas_on_redis().await);
+    let (stats, answers, elapsed) = alternate_through_a_limited_pool(r.clone()).await;
+    // Requests alternated between the replicas, so each spent about half of the calls.
+    assert_eq!(answers.len(), LIMIT_CALLS);
+    for (status, body) in &answers {
+        assert_eq!(*status, 200, "{body}");
+        assert_eq!(body["success"], true, "{body}");
+        assert_eq!(body["data"]["status_code"], 200, "{body}");
+    }
+    assert_eq!(
+        stats.status(429),
+        0,
+        "the upstream refused calls: the replicas overdrew the keys ({stats:?})"
+    );
+    assert_eq!(stats.admitted_ok(), LIMIT_CALLS as u64);
+    // 60 calls at 3 keys x 5/s cannot take less than 3 s unless the limit was overdrawn.
+    assert!(elapsed >= Duration::from_millis(2_900), "{elapsed:?}");
+    r.clean_redis().await;
+}
+
+/// The contrast: without Redis each replica spends every key's whole limit on its own.
+async fn without_redis_the_replicas_overdraw() {
+    let r = Arc::new(replicas(|_| {}).await);
+    let (stats, _, _) = alternate_through_a_limited_pool(r).await;
+    assert!(
+        stats.status(429) > 0,
+        "two replicas with their own state should overdraw the keys: {stats:?}"
+    );
 }
 
 async fn key_disabled_on_a_is_skipped_by_b_within_a_second() {
-    let r = replicas(|_| {}).await;
+    key_disabled_on_one_replica(replicas(|_| {}).await).await;
+}
+
+async fn key_disabled_on_a_is_skipped_by_b_on_redis() {
+    key_disabled_on_one_replica(replicas_on_redis().await).await;
+}
+
+async fn key_disabled_on_one_replica(r: Replicas) {
     let upstream_mock = mock(&["sk-dis-1", "sk-dis-2"]).await;
     let t = r.a.admin_token.clone();
     add_key(&r.a, &t, "d1", "sk-dis-1", None).await;
@@ -91,6 +228,7 @@ async fn key_disabled_on_a_is_skipped_by_b_within_a_second() {
     })
     .await;
     assert!(back, "replica A did not see the key enabled on B");
+    r.clean_redis().await;
 }
 
 async fn pools_changed_on_a_are_applied_by_b() {
@@ -417,6 +555,102 @@ async fn master_key_rotation_while_both_replicas_run() {
     assert_eq!(a.body["data"]["status_code"], 200, "{}", a.body);
 }
 
+async fn redis_down(mode: RedisFailMode) -> (TestApp, mock_upstream::MockServer) {
+    let (mut config, dir, pg_db) = test_config(Backend::Postgres).await;
+    config.redis_url = Some(REDIS_DOWN.to_owned());
+    config.redis_on_unavailable = mode;
+    let app = start(config, dir, pg_db).await;
+    let upstream_mock = mock(&["sk-down-1"]).await;
+    let t = app.admin_token.clone();
+    add_key(&app, &t, "down1", "sk-down-1", None).await;
+    make_pool(
+        &app,
+        &t,
+        "down",
+        &["down1"],
+        upstream(&upstream_mock.url(), "bearer"),
+    )
+    .await;
+    (app, upstream_mock)
+}
+
+async fn redis_down_fail_closed_refuses_calls_with_503() {
+    let (app, upstream_mock) = redis_down(RedisFailMode::Closed).await;
+    let t = app.admin_token.clone();
+    let a = get_via_invoke(&app, &t, "down", "/price", json!({"id": 1})).await;
+    assert_eq!(a.status, 503, "{}", a.body);
+    let detail = a.body["detail"].as_str().expect("detail");
+    assert!(detail.contains("Redis"), "{detail}");
+    assert!(
+        a.headers.get("retry-after").is_some(),
+        "Retry-After missing"
+    );
+    assert_eq!(upstream_mock.stats().total_requests, 0, "a call went out");
+    // The transparent route answers the same way.
+    let resp = app
+        .client
+        .get(app.api("/proxy/down/http/price?id=2"))
+        .bearer_auth(&t)
+        .send()
+        .await
+        .expect("request");
+    assert!(resp.headers().get("retry-after").is_some());
+    let detail = expect_error(resp, 503).await;
+    assert!(detail.contains("Redis"), "{detail}");
+    // Not ready: a balancer should send traffic elsewhere.
+    let resp = app
+        .client
+        .get(app.url("/ready"))
+        .send()
+        .await
+        .expect("ready");
+    assert_eq!(resp.status(), 503);
+    let body: Value = resp.json().await.expect("json");
+    assert_eq!(body["redis"], false, "{body}");
+    assert_eq!(body["database"], true, "{body}");
+}
+
+async fn redis_down_fail_open_serves_from_local_state() {
+    let (app, upstream_mock) = redis_down(RedisFailMode::Open).await;
+    let t = app.admin_token.clone();
+    for i in 0..3 {
+        let a = get_via_invoke(&app, &t, "down", "/price", json!({"id": i})).await;
+        assert_eq!(a.status, 200, "{}", a.body);
+        assert_eq!(a.body["data"]["status_code"], 200, "{}", a.body);
+    }
+    assert_eq!(upstream_mock.stats().admitted_ok(), 3);
+    let logs = captured_logs();
+    assert!(
+        contains(&logs, "WARN") && contains(&logs, "fail open"),
+        "no warning about Redis was logged"
+    );
+    // Ready (it serves), but says Redis is down.
+    let resp = app
+        .client
+        .get(app.url("/ready"))
+        .send()
+        .await
+        .expect("ready");
+    assert_eq!(resp.status(), 200);
+    let body: Value = resp.json().await.expect("json");
+    assert_eq!(body["redis"], false, "{body}");
+}
+
+async fn ready_reports_redis_when_configured() {
+    let r = replicas_on_redis().await;
+    for app in [&r.a, &r.b] {
+        let resp = app
+            .client
+            .get(app.url("/ready"))
+            .send()
+            .await
+            .expect("ready");
+        assert_eq!(resp.status(), 200);
+        let body: Value = resp.json().await.expect("json");
+        assert_eq!(body["redis"], true, "{body}");
+    }
+}
+
 macro_rules! replica_tests {
     ($($name:ident),* $(,)?) => {$(
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -428,9 +662,15 @@ macro_rules! replica_tests {
 
 mod two_replicas {
     replica_tests!(
+        shared_limits_hold_across_replicas,
+        without_redis_the_replicas_overdraw,
         key_disabled_on_a_is_skipped_by_b_within_a_second,
+        key_disabled_on_a_is_skipped_by_b_on_redis,
         pools_changed_on_a_are_applied_by_b,
         revocation_is_seen_by_both_replicas,
         master_key_rotation_while_both_replicas_run,
+        redis_down_fail_closed_refuses_calls_with_503,
+        redis_down_fail_open_serves_from_local_state,
+        ready_reports_redis_when_configured,
     );
 }
