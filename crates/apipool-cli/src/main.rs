@@ -3,19 +3,38 @@
 //! Run the server with zero set-up: `cargo run -p apipool-cli -- serve` (SQLite and the master key
 //! in `./data`, listening on 127.0.0.1:8000; open <http://127.0.0.1:8000/docs>).
 //!
-//! Subcommands are grouped so later ones (`login`, `key ...`, `pool ...`, `user ...`,
-//! `stats ...`, `batch run`) slot into [`Command`] next to `serve` and `vault`.
+//! Administer a server from a terminal: `apipool login`, then `key`, `pool`, `user`, `stats`
+//! commands (tables by default, `--json` for scripts), and run durable batch jobs with
+//! `apipool batch run` (progress, resume, graceful Ctrl-C).
+
+mod admin;
+mod api;
+mod batch;
+mod failure;
+mod output;
+mod store;
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::Context;
 use apipool_server::config::{ServeArgs, StorageArgs};
 use clap::{Parser, Subcommand};
 
+const EXIT_CODES: &str = "Exit codes: 0 success; 1 error (the server's message is printed, e.g. an unknown pool); \
+2 bad command line; 3 a batch finished with failed items or malformed input lines; \
+4 not logged in, wrong password or session refused; 130 a batch was interrupted (rerun it to resume).
+
+Quick start:
+  apipool serve                                              # a server with SQLite in ./data
+  APIPOOL_PASSWORD=... apipool login --server http://127.0.0.1:8000 --username admin
+  printf '%s' \"$KEY\" | apipool key add k1 --key-stdin
+  apipool pool create prices --key k1 --upstream-url https://api.example
+  apipool batch run --pool prices --input items.jsonl --output results.jsonl";
+
 /// apipool: one pool of API keys with N× the quota.
 #[derive(Debug, Parser)]
-#[command(name = "apipool", version, about, propagate_version = true)]
+#[command(name = "apipool", version, about, propagate_version = true, after_help = EXIT_CODES)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -30,6 +49,22 @@ enum Command {
         #[command(subcommand)]
         command: VaultCommand,
     },
+    /// Log in to a server and save the session (mode 0600) for the other commands
+    Login(admin::LoginArgs),
+    /// Revoke the saved session at the server and delete it
+    Logout(admin::LogoutArgs),
+    /// Show who the saved session belongs to
+    Whoami(admin::WhoamiArgs),
+    /// Manage your API keys (secrets are read from stdin or APIPOOL_KEY, never printed)
+    Key(admin::KeyArgs),
+    /// Manage pools: members, configuration, status
+    Pool(admin::PoolArgs),
+    /// Manage users (admin only)
+    User(admin::UserArgs),
+    /// Usage statistics of a pool
+    Stats(admin::StatsArgs),
+    /// Durable batch jobs through a pool (progress bar, resume, graceful Ctrl-C)
+    Batch(batch::BatchArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -54,14 +89,40 @@ struct RotateArgs {
     new_key_file: Option<PathBuf>,
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> ExitCode {
     let cli = Cli::parse();
-    apipool_server::telemetry::init_logging("info,sqlx=warn");
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    let server_side = matches!(cli.command, Command::Serve(_) | Command::Vault { .. });
+    apipool_server::telemetry::init_logging(if server_side {
+        "info,sqlx=warn"
+    } else {
+        "warn"
+    });
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-        .context("cannot start the async runtime")?;
-    runtime.block_on(run(cli))
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if server_side {
+        return match runtime.block_on(run(cli)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("Error: {e:?}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    match runtime.block_on(client(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            eprintln!("error: {f}");
+            ExitCode::from(f.code)
+        }
+    }
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -70,6 +131,24 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Vault {
             command: VaultCommand::RotateMasterKey(args),
         } => rotate(args).await,
+        _ => anyhow::bail!("not a server command"),
+    }
+}
+
+/// The commands that talk to a server (or, for `batch run --keys-file`, to an upstream).
+async fn client(command: Command) -> failure::CliResult {
+    match command {
+        Command::Login(a) => admin::login(a).await,
+        Command::Logout(a) => admin::logout(a).await,
+        Command::Whoami(a) => admin::whoami(a).await,
+        Command::Key(a) => admin::key(a).await,
+        Command::Pool(a) => admin::pool(a).await,
+        Command::User(a) => admin::user(a).await,
+        Command::Stats(a) => admin::stats(a).await,
+        Command::Batch(a) => batch::batch(a).await,
+        Command::Serve(_) | Command::Vault { .. } => Err(failure::Failure::error(
+            "serve and vault run on the server side",
+        )),
     }
 }
 
