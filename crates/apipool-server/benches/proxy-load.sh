@@ -4,40 +4,18 @@
 # connections. Release binaries; everything on 127.0.0.1.
 #
 # Run with: crates/apipool-server/benches/proxy-load.sh [seconds per run, default 10]
-# Needs: wrk (apt-get install -y wrk), curl, jq.
+# Needs: wrk (apt-get install -y wrk), curl, jq. SKIP_BUILD=1 uses the release binaries as they are.
 #
 # Prints one line per run: target, connections, requests/s, p50, p99 (wrk's latency
 # distribution), then "added" = proxy − direct at the same connection count, the throughput
 # ratio, and VmRSS / VmHWM of the server while 1,000 connections are open.
-#
-# Or:       crates/apipool-server/benches/proxy-load.sh clients N SECONDS [SAMPLE_SECS]
-# Needs: curl, jq (no wrk).
-#
-# N concurrent clients for SECONDS through the transparent route with the Rust load generator
-# (crates/apipool-server/examples/proxy_load), e.g. `clients 1000 60` (the load run) or
-# `clients 200 600` (the 10-minute soak). Prints the server's VmRSS every SAMPLE_SECS (default
-# 10) as JSON lines, then a JSON report: answers by status, errors (non-2xx + no answer +
-# timeouts: the upstream has no limit, so each is ours), rps, p50/p99/max latency, RSS
-# first/last/max; then the upstream's own counts. Exits 1 when any request failed.
 set -euo pipefail
 ulimit -n 65536 2>/dev/null || ulimit -n 8192 2>/dev/null || true
 
-MODE=wrk
-if [[ "${1:-}" == clients ]]; then
-  MODE=clients
-  CLIENTS=${2:-1000}
-  DUR=${3:-60}
-  SAMPLE=${4:-10}
-else
-  DUR=${1:-10}
-fi
+DUR=${1:-10}
 ROOT=$(cd "$(dirname "$0")/../../.." && pwd)
 cd "$ROOT"
-if [[ $MODE == clients ]]; then
-  cargo build --release --workspace --bins --example proxy_load >&2
-else
-  cargo build --release --workspace --bins >&2
-fi
+[ -n "${SKIP_BUILD:-}" ] || cargo build --release --workspace --bins >&2
 BIN="${CARGO_TARGET_DIR:-$ROOT/target}/release"
 TMP=$(mktemp -d)
 PIDS=()
@@ -50,7 +28,8 @@ trap cleanup EXIT
 
 KEYS=$(seq -s, -f 'load-key-%02g' 0 9)
 "$BIN/mock-upstream" --keys "$KEYS" >"$TMP/mock.out" 2>"$TMP/mock.err" &
-PIDS+=($!)
+MPID=$!
+PIDS+=($MPID)
 for _ in $(seq 100); do grep -q listening "$TMP/mock.out" 2>/dev/null && break; sleep 0.05; done
 MOCK=$(sed -n 's/^listening on //p' "$TMP/mock.out")
 
@@ -79,15 +58,6 @@ PROXY_URL="$SERVER/api/v1/proxy/load/http/price?id=bitcoin"
 # Warm the pool's engine and the connection pools.
 curl -fs -o /dev/null -H "authorization: Bearer $TOKEN" "$PROXY_URL"
 
-if [[ $MODE == clients ]]; then
-  echo "# $(date -u +%FT%TZ) $(nproc) cores, $CLIENTS clients, ${DUR}s, server RSS every ${SAMPLE}s"
-  rc=0
-  "$BIN/examples/proxy_load" --url "$PROXY_URL" --token "$TOKEN" --clients "$CLIENTS" \
-    --seconds "$DUR" --server-pid "$SPID" --sample-secs "$SAMPLE" || rc=$?
-  echo "upstream: $(curl -fs "$MOCK/__stats" | jq -c '{total_requests, by_status, faults}')"
-  exit "$rc"
-fi
-
 # wrk's latency distribution → milliseconds.
 to_ms() {
   awk -v v="$1" 'BEGIN {
@@ -95,16 +65,23 @@ to_ms() {
     if (u == "us") n /= 1000; else if (u == "s") n *= 1000; else if (u == "m") n *= 60000;
     printf "%.3f", n }'
 }
+# CPU time (user + system) a process has used so far, in microseconds.
+cpu_us() { awk -v hz="$(getconf CLK_TCK)" '{ printf "%d", ($14 + $15) * 1000000 / hz }' "/proc/$1/stat"; }
 run() { # name connections url auth-header
-  local out
+  local out m0 s0 m1 s1
+  m0=$(cpu_us "$MPID"); s0=$(cpu_us "$SPID")
   out=$(wrk -t1 -c"$2" -d"${DUR}s" --latency -H "$4" "$3")
-  local rps p50 p99
+  m1=$(cpu_us "$MPID"); s1=$(cpu_us "$SPID")
+  local rps p50 p99 total
   rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
+  total=$(awk '/requests in/ {print $1}' <<<"$out")
   p50=$(to_ms "$(awk '$1 == "50%" {print $2}' <<<"$out")")
   p99=$(to_ms "$(awk '$1 == "99%" {print $2}' <<<"$out")")
   local errs
   errs=$(awk '/Non-2xx|Socket errors/ {print}' <<<"$out" | tr '\n' ' ')
-  echo "$1 c=$2 rps=$rps p50_ms=$p50 p99_ms=$p99 ${errs}"
+  # CPU microseconds per request spent by the upstream and by apipool: unlike requests/s,
+  # these barely depend on what else the machine is doing.
+  echo "$1 c=$2 rps=$rps p50_ms=$p50 p99_ms=$p99 upstream_cpu_us=$(( (m1 - m0) / total )) apipool_cpu_us=$(( (s1 - s0) / total )) ${errs}"
 }
 
 echo "# $(date -u +%FT%TZ) $(nproc) cores, ${DUR}s per run, wrk -t1"
