@@ -9,13 +9,37 @@
 # Prints one line per run: target, connections, requests/s, p50, p99 (wrk's latency
 # distribution), then "added" = proxy − direct at the same connection count, the throughput
 # ratio, and VmRSS / VmHWM of the server while 1,000 connections are open.
+#
+# Or:       crates/apipool-server/benches/proxy-load.sh clients N SECONDS [SAMPLE_SECS]
+# Needs: curl, jq (no wrk).
+#
+# N concurrent clients for SECONDS through the transparent route with the Rust load generator
+# (crates/apipool-server/examples/proxy_load), e.g. `clients 1000 60` (the load run) or
+# `clients 200 600` (the 10-minute soak). Prints the server's VmRSS every SAMPLE_SECS (default
+# 10) as JSON lines, then a JSON report: answers by status, errors (non-2xx + no answer +
+# timeouts: the upstream has no limit, so each is ours), rps, p50/p99/max latency, RSS
+# first/last/max; then the upstream's own counts. Exits 1 when any request failed.
 set -euo pipefail
 ulimit -n 65536 2>/dev/null || ulimit -n 8192 2>/dev/null || true
 
-DUR=${1:-10}
+MODE=wrk
+if [[ "${1:-}" == clients ]]; then
+  MODE=clients
+  CLIENTS=${2:-1000}
+  DUR=${3:-60}
+  SAMPLE=${4:-10}
+else
+  DUR=${1:-10}
+fi
 ROOT=$(cd "$(dirname "$0")/../../.." && pwd)
 cd "$ROOT"
-[ -n "${SKIP_BUILD:-}" ] || cargo build --release --workspace --bins >&2
+if [[ -n "${SKIP_BUILD:-}" ]]; then
+  :
+elif [[ $MODE == clients ]]; then
+  cargo build --release --workspace --bins --example proxy_load >&2
+else
+  cargo build --release --workspace --bins >&2
+fi
 BIN="${CARGO_TARGET_DIR:-$ROOT/target}/release"
 TMP=$(mktemp -d)
 PIDS=()
@@ -57,6 +81,15 @@ DIRECT_URL="$MOCK/price?id=bitcoin"
 PROXY_URL="$SERVER/api/v1/proxy/load/http/price?id=bitcoin"
 # Warm the pool's engine and the connection pools.
 curl -fs -o /dev/null -H "authorization: Bearer $TOKEN" "$PROXY_URL"
+
+if [[ $MODE == clients ]]; then
+  echo "# $(date -u +%FT%TZ) $(nproc) cores, $CLIENTS clients, ${DUR}s, server RSS every ${SAMPLE}s"
+  rc=0
+  "$BIN/examples/proxy_load" --url "$PROXY_URL" --token "$TOKEN" --clients "$CLIENTS" \
+    --seconds "$DUR" --server-pid "$SPID" --sample-secs "$SAMPLE" || rc=$?
+  echo "upstream: $(curl -fs "$MOCK/__stats" | jq -c '{total_requests, by_status, faults}')"
+  exit "$rc"
+fi
 
 # wrk's latency distribution → milliseconds.
 to_ms() {
