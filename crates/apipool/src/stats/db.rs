@@ -119,6 +119,8 @@ impl StatsPool {
 pub(crate) enum Dialect {
     Sqlite,
     Postgres,
+    // Built only with the `mysql` feature.
+    #[cfg_attr(not(feature = "mysql"), allow(dead_code))]
     MySql,
 }
 
