@@ -133,7 +133,7 @@ pub(crate) async fn with_api<T>(
     f: impl AsyncFnOnce(&Api) -> CliResult<T>,
 ) -> CliResult<T> {
     let store = common.store()?;
-    let mut api = Api::open(&store).await?;
+    let api = Api::open(&store).await?;
     let r = f(&api).await;
     let saved = api.persist();
     let v = r?;

@@ -8,6 +8,7 @@ use apipool::sdk::{Session, SessionOptions};
 use reqwest::{Method, Response, StatusCode, Url};
 use secrecy::ExposeSecret;
 use serde_json::Value;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Renew the access token when it has less than this left (a command or a batch then runs on a
@@ -30,8 +31,9 @@ pub(crate) struct Api {
     store: Store,
     server: String,
     username: String,
+    http: reqwest::Client,
     /// `session.refresh_count()` when the tokens were last saved.
-    saved_at: u64,
+    saved_at: AtomicU64,
 }
 
 impl Api {
@@ -54,12 +56,13 @@ impl Api {
             remaining,
             opts,
         )?;
-        let mut api = Self {
+        let api = Self {
             session,
             store: store.clone(),
             server: saved.server,
             username: saved.username,
-            saved_at: 0,
+            http: http_client()?,
+            saved_at: AtomicU64::new(0),
         };
         if remaining.is_none_or(|r| r < RENEW_MARGIN) {
             api.session.arefresh().await.map_err(|e| match e {
@@ -83,7 +86,7 @@ impl Api {
         &self.server
     }
 
-    fn write(&mut self, lock: &crate::store::StoreLock) -> CliResult {
+    fn write(&self, lock: &crate::store::StoreLock) -> CliResult {
         let access = self.session.access_token();
         let saved = Saved {
             server: self.server.clone(),
@@ -92,14 +95,16 @@ impl Api {
             access_token: access.expose_secret().to_owned(),
             refresh_token: self.session.refresh_token().expose_secret().to_owned(),
         };
+        let count = self.session.refresh_count();
         self.store.save(lock, &saved)?;
-        self.saved_at = self.session.refresh_count();
+        self.saved_at.store(count, Ordering::SeqCst);
         Ok(())
     }
 
-    /// Writes the tokens back when the session renewed them since they were saved.
-    pub(crate) fn persist(&mut self) -> CliResult {
-        if self.session.refresh_count() == self.saved_at {
+    /// Writes the tokens back when the session renewed them since they were saved (cheap when
+    /// it did not; a long batch calls it periodically so a kill never loses a rotated token).
+    pub(crate) fn persist(&self) -> CliResult {
+        if self.session.refresh_count() == self.saved_at.load(Ordering::SeqCst) {
             return Ok(());
         }
         let lock = self.store.lock()?;
@@ -124,12 +129,8 @@ impl Api {
         body: Option<&Value>,
     ) -> CliResult<Response> {
         let url = self.url(segments);
-        let http = reqwest::Client::builder()
-            .timeout(TIMEOUT)
-            .build()
-            .map_err(|e| Failure::error(format!("cannot build the HTTP client: {e}")))?;
         let build = || {
-            let rb = http.request(method.clone(), url.clone()).query(query);
+            let rb = self.http.request(method.clone(), url.clone()).query(query);
             match body {
                 Some(b) => rb.json(b),
                 None => rb,
@@ -210,6 +211,13 @@ impl Api {
     }
 }
 
+fn http_client() -> CliResult<reqwest::Client> {
+    reqwest::Client::builder()
+        .timeout(TIMEOUT)
+        .build()
+        .map_err(|e| Failure::error(format!("cannot build the HTTP client: {e}")))
+}
+
 /// The server's `{"detail": ...}` as a [`Failure`].
 pub(crate) async fn error_of(resp: Response) -> Failure {
     let status = resp.status().as_u16();
@@ -251,12 +259,13 @@ pub(crate) async fn login(
         other => Failure::from(other),
     })?;
     let lock = store.lock()?;
-    let mut api = Api {
+    let api = Api {
         session,
         store: store.clone(),
         server: server.trim().trim_end_matches('/').to_owned(),
         username: username.to_owned(),
-        saved_at: 0,
+        http: http_client()?,
+        saved_at: AtomicU64::new(0),
     };
     api.write(&lock)?;
     drop(lock);

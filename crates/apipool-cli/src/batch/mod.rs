@@ -126,7 +126,7 @@ pub(crate) async fn batch(a: BatchArgs) -> CliResult {
     let plan = Plan::read(&args)?;
     if args.keys_file.is_some() {
         let (backend, keys) = local_backend(&args)?;
-        return run(&args, plan, backend, keys, None, json_out).await;
+        return run(&args, plan, backend, keys, None, json_out, None).await;
     }
     let pool = args.pool.clone().unwrap_or_default();
     with_api(&a.common, async |api: &Api| {
@@ -143,7 +143,7 @@ pub(crate) async fn batch(a: BatchArgs) -> CliResult {
             proxy: apipool::sdk::RemoteProxy::new(api.session(), &pool),
             retries: args.retries,
         };
-        run(&args, plan, backend, keys, Some(configured), json_out).await
+        run(&args, plan, backend, keys, Some(configured), json_out, Some(api)).await
     })
     .await
 }
@@ -302,6 +302,7 @@ async fn run(
     keys: usize,
     configured: Option<usize>,
     json_out: bool,
+    api: Option<&Api>,
 ) -> CliResult {
     let concurrency = args
         .concurrency
@@ -365,7 +366,14 @@ async fn run(
                 abandoned = inflight.len();
                 break;
             }
-            _ = tick.tick() => progress.tick(),
+            _ = tick.tick() => {
+                progress.tick();
+                // The proxy session renews its token during a long batch: save it at once, so
+                // even a hard kill leaves the current refresh token on disk.
+                if let Some(api) = api {
+                    api.persist()?;
+                }
+            }
         }
     }
     drop(inflight);
