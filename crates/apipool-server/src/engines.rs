@@ -1029,6 +1029,8 @@ impl Engines {
                     }
                     if mb.admin != Admin::Usable {
                         apply_admin(m, &mb.id, mb.admin);
+                    } else if self.redis.is_some() {
+                        clear_stale_hand_made_state(m, &mb.id);
                     }
                     st.keys.insert(
                         mb.id,
@@ -1125,6 +1127,23 @@ fn apply_admin(m: &ApiKeyManager<ServerKey>, id: &str, admin: Admin) {
     };
     if let Err(e) = r {
         tracing::warn!(error = %e, "cannot apply a key's state to its pool engine");
+    }
+}
+
+/// A key added to a Redis-backed engine takes the health already shared in Redis (cooldowns,
+/// bans, windows: right to keep). A hand-made disable or archive kept there is stale when the
+/// database says the key is usable (e.g. the key was enabled while out of this pool, or deleted
+/// and made again under the same identifier): undo it.
+fn clear_stale_hand_made_state(m: &ApiKeyManager<ServerKey>, id: &str) {
+    let stale = match m.explain(id).map(|r| r.state) {
+        Ok(apipool::KeyState::Disabled) => m.enable(id),
+        Ok(apipool::KeyState::Archived {
+            reason: apipool::ArchiveReason::Manual,
+        }) => m.reset(id),
+        _ => Ok(()),
+    };
+    if let Err(e) = stale {
+        tracing::warn!(error = %e, "cannot restore a key's shared state to its pool engine");
     }
 }
 

@@ -231,6 +231,63 @@ async fn key_disabled_on_one_replica(r: Replicas) {
     r.clean_redis().await;
 }
 
+/// Redis keeps a key's hand-made state while the key is out of every pool; the database is the
+/// truth when it comes back.
+async fn a_key_enabled_while_out_of_the_pool_rejoins_active() {
+    let r = replicas_on_redis().await;
+    let upstream_mock = mock(&["sk-rejoin-1", "sk-rejoin-2"]).await;
+    let t = r.a.admin_token.clone();
+    add_key(&r.a, &t, "j1", "sk-rejoin-1", None).await;
+    add_key(&r.a, &t, "j2", "sk-rejoin-2", None).await;
+    make_pool(
+        &r.a,
+        &t,
+        "rejoin",
+        &["j1", "j2"],
+        upstream(&upstream_mock.url(), "bearer"),
+    )
+    .await;
+    for app in [&r.a, &r.b] {
+        let a = get_via_invoke(app, &t, "rejoin", "/price", json!({"id": "warm"})).await;
+        assert_eq!(a.status, 200, "{}", a.body);
+    }
+    // Disabled (shared in Redis), taken out of the pool, enabled while out of it.
+    assert_eq!(
+        r.a.put(&t, "/keys/j1", json!({"is_active": false}))
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(
+        r.a.delete(&t, "/pools/rejoin/members/j1").await.status(),
+        204
+    );
+    assert_eq!(
+        r.a.put(&t, "/keys/j1", json!({"is_active": true}))
+            .await
+            .status(),
+        200
+    );
+    // Back in the pool through B: active on both.
+    let resp =
+        r.b.post(
+            &t,
+            "/pools/rejoin/members",
+            json!({"key_identifiers": ["j1"]}),
+        )
+        .await;
+    assert_eq!(resp.status(), 200);
+    for app in [&r.b, &r.a] {
+        let active = eventually(Duration::from_secs(1), || async {
+            let s = status(app, &t, "rejoin").await;
+            s["data"]["total_keys"] == 2 && key_health(&s, "j1")["state"] == "active"
+        })
+        .await;
+        assert!(active, "{}", status(app, &t, "rejoin").await);
+    }
+    r.clean_redis().await;
+}
+
 async fn pools_changed_on_a_are_applied_by_b() {
     let r = replicas(|_| {}).await;
     let first = mock(&["sk-pool-1", "sk-pool-2"]).await;
@@ -666,6 +723,7 @@ mod two_replicas {
         without_redis_the_replicas_overdraw,
         key_disabled_on_a_is_skipped_by_b_within_a_second,
         key_disabled_on_a_is_skipped_by_b_on_redis,
+        a_key_enabled_while_out_of_the_pool_rejoins_active,
         pools_changed_on_a_are_applied_by_b,
         revocation_is_seen_by_both_replicas,
         master_key_rotation_while_both_replicas_run,
