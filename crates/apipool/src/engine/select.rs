@@ -29,12 +29,35 @@ pub(crate) enum Selector {
         heap: Vec<u128>,
         pos: Vec<u32>,
     },
+    /// Rejection sampling over a uniform member list (exact: a member is kept with probability
+    /// weight / `max_weight`, so one or two draws when weights are alike, whatever the pool size),
+    /// falling back to a Fenwick tree of the weights after a few rejections (skewed weights).
     Weighted {
         tree: Vec<u64>,
         weights: Vec<u32>,
         total: u64,
-        len: usize,
+        members: Vec<u32>,
+        pos: Vec<u32>,
+        /// The largest weight inserted since the selector was built (an upper bound).
+        max_weight: u32,
     },
+}
+
+/// Rejections before a weighted pick walks the Fenwick tree instead.
+const WEIGHTED_TRIES: usize = 4;
+
+fn member_insert(members: &mut Vec<u32>, pos: &mut [u32], k: u32) {
+    pos[k as usize] = u32::try_from(members.len()).unwrap_or(ABSENT);
+    members.push(k);
+}
+
+fn member_remove(members: &mut Vec<u32>, pos: &mut [u32], k: u32) {
+    let p = pos[k as usize] as usize;
+    members.swap_remove(p);
+    if let Some(&moved) = members.get(p) {
+        pos[moved as usize] = u32::try_from(p).unwrap_or(ABSENT);
+    }
+    pos[k as usize] = ABSENT;
 }
 
 impl Selector {
@@ -58,7 +81,9 @@ impl Selector {
                 tree: Vec::new(),
                 weights: Vec::new(),
                 total: 0,
-                len: 0,
+                members: Vec::new(),
+                pos: Vec::new(),
+                max_weight: 1,
             },
         };
         s.grow(capacity);
@@ -81,7 +106,12 @@ impl Selector {
                     present.resize(n, false);
                 }
             }
-            Selector::Weighted { tree, weights, .. } => {
+            Selector::Weighted {
+                tree, weights, pos, ..
+            } => {
+                if pos.len() < n {
+                    pos.resize(n, ABSENT);
+                }
                 if weights.len() < n {
                     let cap = n.next_power_of_two().max(8);
                     weights.resize(cap, 0);
@@ -98,8 +128,8 @@ impl Selector {
     #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         match self {
-            Selector::Random { members, .. } => members.len(),
-            Selector::RoundRobin { len, .. } | Selector::Weighted { len, .. } => *len,
+            Selector::Random { members, .. } | Selector::Weighted { members, .. } => members.len(),
+            Selector::RoundRobin { len, .. } => *len,
             Selector::LeastUsed { heap, .. } => heap.len(),
         }
     }
@@ -124,10 +154,7 @@ impl Selector {
         self.grow(k as usize + 1);
         let i = k as usize;
         match self {
-            Selector::Random { members, pos } => {
-                pos[i] = u32::try_from(members.len()).unwrap_or(ABSENT);
-                members.push(k);
-            }
+            Selector::Random { members, pos } => member_insert(members, pos, k),
             Selector::RoundRobin {
                 queue,
                 queued,
@@ -151,12 +178,15 @@ impl Selector {
                 tree,
                 weights,
                 total,
-                len,
+                members,
+                pos,
+                max_weight,
             } => {
                 let w = weight.max(1);
                 weights[i] = w;
                 *total += u64::from(w);
-                *len += 1;
+                *max_weight = (*max_weight).max(w);
+                member_insert(members, pos, k);
                 fenwick_add(tree, i, i64::from(w));
             }
         }
@@ -168,14 +198,7 @@ impl Selector {
         }
         let i = k as usize;
         match self {
-            Selector::Random { members, pos } => {
-                let p = pos[i] as usize;
-                members.swap_remove(p);
-                if let Some(&moved) = members.get(p) {
-                    pos[moved as usize] = u32::try_from(p).unwrap_or(ABSENT);
-                }
-                pos[i] = ABSENT;
-            }
+            Selector::Random { members, pos } => member_remove(members, pos, k),
             Selector::RoundRobin { present, len, .. } => {
                 // Stays in the queue; dropped lazily when it reaches the front.
                 present[i] = false;
@@ -197,12 +220,14 @@ impl Selector {
                 tree,
                 weights,
                 total,
-                len,
+                members,
+                pos,
+                ..
             } => {
                 let w = weights[i];
                 weights[i] = 0;
                 *total -= u64::from(w);
-                *len -= 1;
+                member_remove(members, pos, k);
                 fenwick_add(tree, i, -i64::from(w));
             }
         }
@@ -237,9 +262,24 @@ impl Selector {
                 None
             }
             Selector::LeastUsed { heap, .. } => heap.first().map(|&e| heap_slot(e) as u32),
-            Selector::Weighted { tree, total, .. } => {
+            Selector::Weighted {
+                tree,
+                weights,
+                total,
+                members,
+                max_weight,
+                ..
+            } => {
                 if *total == 0 {
                     return None;
+                }
+                let max = *max_weight;
+                for _ in 0..WEIGHTED_TRIES {
+                    let k = members[below(rng, members.len() as u64) as usize];
+                    let w = weights[k as usize];
+                    if w == max || below(rng, u64::from(max)) < u64::from(w) {
+                        return Some(k);
+                    }
                 }
                 let target = below(rng, *total);
                 Some(fenwick_find(tree, target))
@@ -411,6 +451,32 @@ mod tests {
                 "key {k}: {c} vs {expected}"
             );
         }
+    }
+
+    #[test]
+    fn weighted_stays_exact_with_skewed_weights_and_after_the_heaviest_leaves() {
+        let mut rng = SmallRng::seed_from_u64(11);
+        // 1 : 99 — most uniform draws of the light key are rejected; the tree fallback and the
+        // rejection path together still give exactly 1 %.
+        let mut s = Selector::new(Strategy::Weighted, 3);
+        s.insert(0, 0, 0, 1);
+        s.insert(1, 0, 0, 99);
+        let light = (0..200_000).filter(|_| s.pick(&mut rng) == Some(0)).count();
+        assert!(
+            (1_700..2_300).contains(&light),
+            "{light} of 200,000, expected 2,000"
+        );
+        // The heavy key leaves: its weight stays the rejection bound, so picks mostly fall back
+        // to the tree; the remaining weights 1 : 3 still hold.
+        s.insert(2, 0, 0, 3);
+        s.remove(1);
+        let mut counts = [0u32; 3];
+        for _ in 0..80_000 {
+            counts[s.pick(&mut rng).unwrap() as usize] += 1;
+        }
+        assert_eq!(counts[1], 0, "a removed key is never picked");
+        assert!((19_000..21_000).contains(&counts[0]), "{counts:?}");
+        assert!((59_000..61_000).contains(&counts[2]), "{counts:?}");
     }
 
     #[test]

@@ -600,8 +600,8 @@ fn apply_settings_keeps_history() {
 fn hot_slot_is_two_cache_lines() {
     // A pick in a large pool touches the hot slot (and the key's log tail) only: keep it at two
     // aligned cache lines. Adding a field here means moving a rarely-read one to `Cold`.
-    assert_eq!(std::mem::align_of::<Slot>(), 64);
-    assert_eq!(std::mem::size_of::<Slot>(), 128);
+    assert_eq!(align_of::<Slot>(), 64);
+    assert_eq!(size_of::<Slot>(), 128);
 }
 
 #[test]
