@@ -8,10 +8,38 @@ use sqlx::Row;
 use super::AppState;
 use super::error::ApiError;
 
-/// `axum::Json` whose rejection is our `{"detail"}` JSON (422 naming the field, 400 for syntax).
-#[derive(Debug, FromRequest)]
-#[from_request(via(axum::Json), rejection(ApiError))]
+/// `axum::Json` whose rejection is our `{"detail"}` JSON (422 naming the field, 400 for syntax,
+/// 415 without a JSON content type). Every request body of the API is a JSON object: an array,
+/// which serde would otherwise map onto a struct's fields in order, is refused with a 422.
+#[derive(Debug)]
 pub struct AppJson<T>(pub T);
+
+impl<T, S> FromRequest<S> for AppJson<T>
+where
+    axum::Json<T>: FromRequest<S, Rejection = axum::extract::rejection::JsonRejection>,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, ApiError> {
+        let (parts, body) = req.into_parts();
+        let bytes = bytes::Bytes::from_request(
+            axum::extract::Request::from_parts(parts.clone(), body),
+            state,
+        )
+        .await
+        .map_err(|e| ApiError::from(axum::extract::rejection::JsonRejection::from(e)))?;
+        let object = bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
+        let rebuilt = axum::extract::Request::from_parts(parts, axum::body::Body::from(bytes));
+        let axum::Json(value) = axum::Json::<T>::from_request(rebuilt, state).await?;
+        if !object {
+            return Err(ApiError::Unprocessable(
+                "the body must be a JSON object".to_owned(),
+            ));
+        }
+        Ok(Self(value))
+    }
+}
 
 /// `axum::extract::Query` with our rejection.
 #[derive(Debug, FromRequestParts)]

@@ -9,6 +9,7 @@ pub mod error;
 pub mod extractor;
 pub mod health;
 pub mod keys;
+mod openapi;
 pub mod pools;
 pub mod proxy;
 pub mod stats;
@@ -104,7 +105,7 @@ struct ApiDoc;
 
 /// The OpenAPI document and the API routes (generated from the handlers' annotations).
 pub fn api() -> (Router<AppState>, utoipa::openapi::OpenApi) {
-    OpenApiRouter::with_openapi(ApiDoc::openapi())
+    let (router, mut doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .nest(
             "/api/v1",
             OpenApiRouter::new()
@@ -117,7 +118,9 @@ pub fn api() -> (Router<AppState>, utoipa::openapi::OpenApi) {
                 .merge(health::api_router()),
         )
         .merge(health::root_router())
-        .split_for_parts()
+        .split_for_parts();
+    openapi::complete(&mut doc);
+    (router, doc)
 }
 
 /// The whole application.
