@@ -114,11 +114,13 @@ pub fn retry_delay(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
             .get(name)
             .and_then(|v: &HeaderValue| v.to_str().ok())
     };
-    if let Some(ms) = get("retry-after-ms").and_then(|v| v.trim().parse::<f64>().ok())
-        && ms.is_finite()
-        && ms >= 0.0
+    // A value that does not fit a Duration counts as unparsable: the other headers still apply.
+    if let Some(d) = get("retry-after-ms")
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .filter(|ms| ms.is_finite() && *ms >= 0.0)
+        .and_then(|ms| Duration::try_from_secs_f64(ms / 1000.0).ok())
     {
-        return Duration::try_from_secs_f64(ms / 1000.0).ok();
+        return Some(d);
     }
     if let Some(d) = get("retry-after").and_then(|v| parse_retry_after(v, now)) {
         return Some(d);
@@ -343,6 +345,24 @@ mod tests {
             h.insert(*k, HeaderValue::from_str(v).unwrap());
         }
         h
+    }
+
+    /// Found by the `rate_limit_headers` fuzz target: an oversized `retry-after-ms` used to end
+    /// the search with `None` although `Retry-After` and the reset header were valid.
+    #[test]
+    fn an_oversized_retry_after_ms_falls_back_to_the_other_headers() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_767_225_600);
+        let h = headers(&[
+            (
+                "retry-after-ms",
+                "1444444444444444444444444444444444444444444444444444400",
+            ),
+            ("retry-after", "7"),
+            ("x-ratelimit-reset", "30"),
+        ]);
+        assert_eq!(retry_delay(&h, now), Some(Duration::from_secs(7)));
+        let h = headers(&[("retry-after-ms", "1e300"), ("x-ratelimit-reset", "30")]);
+        assert_eq!(retry_delay(&h, now), Some(Duration::from_secs(30)));
     }
 
     #[test]
