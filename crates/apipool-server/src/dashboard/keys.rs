@@ -327,6 +327,22 @@ fn parse_tags_cell(v: &str) -> Vec<String> {
         .collect()
 }
 
+/// Fuzzing entry point for the pasted-import parser (not an API; see `fuzz/`): whether the
+/// text was read as CSV, and the 1-based line number of each row it produced.
+#[doc(hidden)]
+pub fn fuzz_parse_import(text: &str) -> Result<(bool, Vec<usize>), String> {
+    parse_import(text).map(|p| match p {
+        Parsed::Csv(rows, lines) => {
+            assert_eq!(rows.len(), lines.len());
+            (true, lines)
+        }
+        Parsed::Lines(items, lines) => {
+            assert_eq!(items.len(), lines.len());
+            (false, lines)
+        }
+    })
+}
+
 fn parse_import(text: &str) -> Result<Parsed, String> {
     let first = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
     let header: Vec<String> = first
@@ -343,7 +359,13 @@ fn parse_import(text: &str) -> Result<Parsed, String> {
             while end < bytes.len() && matches!(bytes[end], b'\n' | b'\r') {
                 end += 1;
             }
-            bytes[..end].iter().filter(|b| **b == b'\n').count() + 1
+            // Line breaks as the CSV reader sees them: "\n", "\r\n", and a lone "\r".
+            let breaks = bytes[..end]
+                .iter()
+                .enumerate()
+                .filter(|&(i, b)| *b == b'\n' || (*b == b'\r' && bytes.get(i + 1) != Some(&b'\n')))
+                .count();
+            breaks + 1
         };
         let mut rdr = csv::ReaderBuilder::new()
             .flexible(true)
@@ -910,6 +932,18 @@ mod tests {
         );
         assert_eq!(rows[1].tags.as_deref(), Some(&["a".to_owned()][..]));
         assert_eq!(lines, vec![2, 4]);
+    }
+
+    /// Found by the `key_import` fuzz target: rows after a lone "\r" (old Mac line ends) were
+    /// reported on the line before.
+    #[test]
+    fn csv_line_numbers_count_lone_carriage_returns() {
+        let text = "identifier,raw_key\rk1,s1\r\nk2,s2\rk3,s3\n";
+        let Ok(Parsed::Csv(rows, lines)) = parse_import(text) else {
+            panic!("csv expected")
+        };
+        assert_eq!(rows.len(), 3);
+        assert_eq!(lines, vec![2, 3, 4]);
     }
 
     #[test]

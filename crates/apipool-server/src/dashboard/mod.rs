@@ -28,6 +28,9 @@ use axum::routing::{get, post};
 
 use crate::http::AppState;
 
+#[doc(hidden)]
+pub use keys::fuzz_parse_import;
+
 /// State of the dashboard's middleware.
 #[derive(Clone)]
 pub(crate) struct Dash {
