@@ -14,8 +14,13 @@
 //! several processes (cooldowns after a 429 are shared).
 //!
 //! Calls are synchronous on a small pool of blocking connections: the async shell pays one
-//! loopback round trip (~0.1 ms, see `docs/BENCHMARKS.md`) on its worker thread per acquire and
-//! per report, like a short lock.
+//! loopback round trip (~0.1 ms, see `docs/BENCHMARKS.md`) on its worker thread per acquire,
+//! like a short lock. Reports go to Redis from one background thread, in order: a success does
+//! not wait for it, an outcome that changes a key's health (429, failure, invalid key) does, so
+//! other processes see it when `report` returns. Acquires of one pool in one process take turns
+//! (one round trip at a time), and when Redis answers "nothing is free before t" the process's
+//! other waiters take that answer without asking again: a free place costs each process about
+//! one round trip, not one per waiting task.
 
 use super::{Grant, KeyChange, KeyStateStore, MemoryStore, Token, TokenKind};
 use crate::config::{RateLimit, Strategy};
@@ -28,8 +33,8 @@ use rand::rngs::SmallRng;
 use rand::{RngExt, SeedableRng};
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
 /// What a pool does while its Redis cannot be reached.
@@ -162,8 +167,9 @@ impl RedisStoreConfig {
         self
     }
 
-    /// When every key waits only for calls of other processes to finish (an in-flight cap), how
-    /// soon to ask again (default 20 ms); releases in this process wake waiters at once.
+    /// How soon a waiting pool asks Redis again at the latest (default 20 ms): keys freed by other
+    /// processes (a call finished under an in-flight cap, a key enabled by hand) are seen that
+    /// soon. Releases in this process wake its waiters at once.
     pub fn release_poll(mut self, poll: Duration) -> Self {
         self.release_poll = poll;
         self
@@ -395,33 +401,178 @@ impl View {
 }
 
 #[derive(Debug)]
-struct Link {
+struct LinkState {
     retry_at: Instant,
     reason: String,
+}
+
+/// The connection to Redis: pooled blocking connections, the scripts, the outage state.
+/// Shared by the callers and the report thread.
+struct Link {
+    conf: RedisStoreConfig,
+    scripts: Scripts,
+    conns: Mutex<Vec<Connection>>,
+    down: AtomicBool,
+    state: Mutex<LinkState>,
+}
+
+/// Work for the report thread, done in order.
+enum Job {
+    /// Runs `report.lua` with these arguments; answers on the channel when done (if any).
+    Report(Vec<String>, Option<mpsc::SyncSender<()>>),
+    /// Answers once every earlier job is done.
+    Flush(mpsc::SyncSender<()>),
 }
 
 /// The shared store. See the module docs.
 pub(crate) struct RedisStore {
     fallback: MemoryStore,
-    conf: RedisStoreConfig,
+    link: Arc<Link>,
     base: String,
     lease_ttl: Duration,
-    scripts: Scripts,
-    conns: Mutex<Vec<Connection>>,
-    down: AtomicBool,
-    link: Mutex<Link>,
+    /// Reports go through one thread, in order: a success returns at once (its lease keeps its
+    /// place until the report lands, which only errs on the safe side); outcomes that change a
+    /// key's health wait for Redis, so every process sees them when `report` returns.
+    reports: mpsc::Sender<Job>,
     view: Mutex<View>,
     owner: String,
     serial: AtomicU64,
+    /// One acquire round trip at a time per process: when Redis said "nothing is free before
+    /// t", the other waiters of this process take that answer from `gate` instead of asking again
+    /// (without this, every waiter of every process wakes at t and asks Redis at once).
+    probe: Mutex<()>,
+    /// No key is free before `.0` (Redis's answer); trusted until `.1` (at most `release_poll`).
+    gate: Mutex<Option<(Instant, Instant)>>,
 }
 
 impl fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisStore")
-            .field("endpoint", &self.conf.endpoint)
+            .field("endpoint", &self.link.conf.endpoint)
             .field("base", &self.base)
-            .field("down", &self.down.load(Ordering::Relaxed))
+            .field("down", &self.link.down.load(Ordering::Relaxed))
             .finish_non_exhaustive()
+    }
+}
+
+impl Link {
+    fn unavailable(&self, reason: &str) -> Error {
+        Error::StoreUnavailable {
+            endpoint: self.conf.endpoint.clone(),
+            reason: reason.to_owned(),
+        }
+    }
+
+    fn connect(&self) -> Result<Connection, RedisError> {
+        let con = self
+            .conf
+            .client
+            .get_connection_with_timeout(self.conf.connect_timeout)?;
+        con.set_read_timeout(Some(self.conf.io_timeout))?;
+        con.set_write_timeout(Some(self.conf.io_timeout))?;
+        Ok(con)
+    }
+
+    fn give_back(&self, con: Connection) {
+        let mut conns = self.conns.lock();
+        if conns.len() < self.conf.max_idle {
+            conns.push(con);
+        }
+    }
+
+    fn mark_down(&self, e: &RedisError) -> Error {
+        let reason = e.to_string();
+        let mut link = self.state.lock();
+        if !self.down.swap(true, Ordering::AcqRel) {
+            let consequence = match self.conf.on_unavailable {
+                OnUnavailable::FailClosed => "fail closed: calls are refused until it is back",
+                OnUnavailable::FailOpen => {
+                    "fail open: using this process's own key state (limits hold per process only) until it is back"
+                }
+            };
+            tracing::warn!(
+                endpoint = %self.conf.endpoint,
+                error = %reason,
+                "the Redis key-state store is unreachable; {consequence}"
+            );
+        }
+        link.retry_at = Instant::now() + self.conf.retry_interval;
+        link.reason.clone_from(&reason);
+        self.unavailable(&reason)
+    }
+
+    fn mark_up(&self) {
+        if self.down.load(Ordering::Acquire) && self.down.swap(false, Ordering::AcqRel) {
+            tracing::info!(endpoint = %self.conf.endpoint, "the Redis key-state store is reachable again");
+        }
+    }
+
+    /// Runs `f` on a pooled connection. A dead pooled connection (Redis restarted) is replaced and
+    /// `f` retried once; other failures mark the store down until `retry_interval` has passed.
+    fn run<T>(&self, f: impl Fn(&mut Connection) -> Result<T, RedisError>) -> Result<T, Error> {
+        if self.down.load(Ordering::Acquire) {
+            let link = self.state.lock();
+            if Instant::now() < link.retry_at {
+                return Err(self.unavailable(&link.reason));
+            }
+        }
+        let pooled = self.conns.lock().pop();
+        let (mut con, was_pooled) = match pooled {
+            Some(c) => (c, true),
+            None => match self.connect() {
+                Ok(c) => (c, false),
+                Err(e) => return Err(self.mark_down(&e)),
+            },
+        };
+        let result = match f(&mut con) {
+            Err(e) if was_pooled && (e.is_io_error() || e.is_connection_dropped()) => {
+                self.conns.lock().clear();
+                match self.connect() {
+                    Ok(c) => {
+                        con = c;
+                        f(&mut con)
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+            r => r,
+        };
+        match result {
+            Ok(v) => {
+                self.give_back(con);
+                self.mark_up();
+                Ok(v)
+            }
+            Err(e) => {
+                if !(e.is_io_error() || e.is_timeout() || e.is_connection_dropped()) {
+                    tracing::error!(endpoint = %self.conf.endpoint, error = %e, "a Redis key-state script failed");
+                }
+                Err(self.mark_down(&e))
+            }
+        }
+    }
+
+    /// The report thread: runs jobs in order until the store is dropped.
+    fn report_loop(&self, jobs: &mpsc::Receiver<Job>) {
+        while let Ok(job) = jobs.recv() {
+            match job {
+                Job::Report(args, done) => {
+                    let r: Result<i64, Error> =
+                        self.run(|con| self.scripts.report.arg(&args).invoke(con));
+                    if let Err(e) = r {
+                        // The lease expires by itself after lease_ttl; the outcome is lost for
+                        // other processes.
+                        tracing::debug!(error = %e, "a report did not reach Redis");
+                    }
+                    if let Some(done) = done {
+                        let _ = done.send(());
+                    }
+                }
+                Job::Flush(done) => {
+                    let _ = done.send(());
+                }
+            }
+        }
     }
 }
 
@@ -463,25 +614,39 @@ impl RedisStore {
             header: Vec::new(),
         };
         view.rebuild_header(lease_ttl, conf.release_poll, &base);
-        let store = Self {
-            fallback,
-            base,
-            lease_ttl,
+        let link = Arc::new(Link {
+            conf,
             scripts: Scripts::new(),
             conns: Mutex::new(Vec::new()),
             down: AtomicBool::new(false),
-            link: Mutex::new(Link {
+            state: Mutex::new(LinkState {
                 retry_at: Instant::now(),
                 reason: String::new(),
             }),
+        });
+        let (reports, jobs) = mpsc::channel();
+        let worker = link.clone();
+        std::thread::Builder::new()
+            .name("apipool-redis-reports".to_owned())
+            .spawn(move || worker.report_loop(&jobs))
+            .map_err(|e| Error::InvalidStore {
+                reason: format!("cannot start the Redis report thread: {e}"),
+            })?;
+        let store = Self {
+            fallback,
+            link,
+            base,
+            lease_ttl,
+            reports,
             view: Mutex::new(view),
             owner: format!("{:016x}", rand::random::<u64>()),
             serial: AtomicU64::new(0),
-            conf,
+            probe: Mutex::new(()),
+            gate: Mutex::new(None),
         };
-        let scripts = &store.scripts;
+        let scripts = &store.link.scripts;
         // Failures are logged (once per outage) and retried on the first call.
-        let _ = store.run(|con| {
+        let _ = store.link.run(|con| {
             for s in [
                 &scripts.acquire,
                 &scripts.report,
@@ -495,108 +660,29 @@ impl RedisStore {
         Ok(store)
     }
 
-    fn unavailable(&self, reason: &str) -> Error {
-        Error::StoreUnavailable {
-            endpoint: self.conf.endpoint.clone(),
-            reason: reason.to_owned(),
-        }
-    }
-
-    fn connect(&self) -> Result<Connection, RedisError> {
-        let con = self
-            .conf
-            .client
-            .get_connection_with_timeout(self.conf.connect_timeout)?;
-        con.set_read_timeout(Some(self.conf.io_timeout))?;
-        con.set_write_timeout(Some(self.conf.io_timeout))?;
-        Ok(con)
-    }
-
-    fn give_back(&self, con: Connection) {
-        let mut conns = self.conns.lock();
-        if conns.len() < self.conf.max_idle {
-            conns.push(con);
-        }
-    }
-
-    fn mark_down(&self, e: &RedisError) -> Error {
-        let reason = e.to_string();
-        let mut link = self.link.lock();
-        if !self.down.swap(true, Ordering::AcqRel) {
-            let consequence = match self.conf.on_unavailable {
-                OnUnavailable::FailClosed => "fail closed: calls are refused until it is back",
-                OnUnavailable::FailOpen => {
-                    "fail open: using this process's own key state (limits hold per process only) until it is back"
-                }
-            };
-            tracing::warn!(
-                endpoint = %self.conf.endpoint,
-                error = %reason,
-                "the Redis key-state store is unreachable; {consequence}"
-            );
-        }
-        link.retry_at = Instant::now() + self.conf.retry_interval;
-        link.reason.clone_from(&reason);
-        self.unavailable(&reason)
-    }
-
-    fn mark_up(&self) {
-        if self.down.load(Ordering::Acquire) && self.down.swap(false, Ordering::AcqRel) {
-            tracing::info!(endpoint = %self.conf.endpoint, "the Redis key-state store is reachable again");
-        }
-    }
-
-    /// Runs `f` on a pooled connection. A dead pooled connection (Redis restarted) is replaced and
-    /// `f` retried once; other failures mark the store down until `retry_interval` has passed.
-    fn run<T>(&self, f: impl Fn(&mut Connection) -> Result<T, RedisError>) -> Result<T, Error> {
-        if self.down.load(Ordering::Acquire) {
-            let link = self.link.lock();
-            if Instant::now() < link.retry_at {
-                return Err(self.unavailable(&link.reason));
-            }
-        }
-        let pooled = self.conns.lock().pop();
-        let (mut con, was_pooled) = match pooled {
-            Some(c) => (c, true),
-            None => match self.connect() {
-                Ok(c) => (c, false),
-                Err(e) => return Err(self.mark_down(&e)),
-            },
-        };
-        let result = match f(&mut con) {
-            Err(e) if was_pooled && (e.is_io_error() || e.is_connection_dropped()) => {
-                self.conns.lock().clear();
-                match self.connect() {
-                    Ok(c) => {
-                        con = c;
-                        f(&mut con)
-                    }
-                    Err(e) => Err(e),
-                }
-            }
-            r => r,
-        };
-        match result {
-            Ok(v) => {
-                self.give_back(con);
-                self.mark_up();
-                Ok(v)
-            }
-            Err(e) => {
-                if !(e.is_io_error() || e.is_timeout() || e.is_connection_dropped()) {
-                    tracing::error!(endpoint = %self.conf.endpoint, error = %e, "a Redis key-state script failed");
-                }
-                Err(self.mark_down(&e))
-            }
-        }
-    }
-
     fn fail_open(&self) -> bool {
-        self.conf.on_unavailable == OnUnavailable::FailOpen
+        self.link.conf.on_unavailable == OnUnavailable::FailOpen
+    }
+
+    fn run<T>(&self, f: impl Fn(&mut Connection) -> Result<T, RedisError>) -> Result<T, Error> {
+        self.link.run(f)
+    }
+
+    fn unavailable(&self, reason: &str) -> Error {
+        self.link.unavailable(reason)
+    }
+
+    /// Waits until this process's earlier reports have reached Redis (read your own writes).
+    fn flush(&self) {
+        let (tx, rx) = mpsc::sync_channel(1);
+        if self.reports.send(Job::Flush(tx)).is_ok() {
+            let _ = rx.recv();
+        }
     }
 
     /// Runs `inspect.lua` on `slots`: one row per slot, and Redis's now.
     fn inspect(&self, slots: &[u32]) -> Result<(Vec<i64>, Vec<Option<usize>>), Error> {
+        self.flush();
         let (args, scopes) = {
             let view = self.view.lock();
             let mut args = Vec::with_capacity(view.header.len() + 2 + slots.len() * 2);
@@ -612,7 +698,7 @@ impl RedisStore {
             }
             (args, scopes)
         };
-        let rows: Vec<i64> = self.run(|con| self.scripts.inspect.arg(&args).invoke(con))?;
+        let rows: Vec<i64> = self.run(|con| self.link.scripts.inspect.arg(&args).invoke(con))?;
         Ok((rows, scopes))
     }
 
@@ -722,6 +808,13 @@ fn key_report(
     }
 }
 
+impl Drop for RedisStore {
+    fn drop(&mut self) {
+        // Reports still queued reach Redis before the pool goes (bounded by the I/O timeouts).
+        self.flush();
+    }
+}
+
 impl KeyStateStore for RedisStore {
     fn add_key(&self, id: Arc<str>, weight: u32, scope: Option<&str>, now: Instant) -> u32 {
         let slot = self.fallback.add_key(id.clone(), weight, scope, now);
@@ -749,7 +842,7 @@ impl KeyStateStore for RedisStore {
             in_flight: 0,
             last_used: 0,
         };
-        let (ttl, poll) = (self.lease_ttl, self.conf.release_poll);
+        let (ttl, poll) = (self.lease_ttl, self.link.conf.release_poll);
         view.rebuild_header(ttl, poll, &self.base);
         slot
     }
@@ -762,6 +855,15 @@ impl KeyStateStore for RedisStore {
     }
 
     fn acquire(&self, now: Instant, avoid: &[u32]) -> Grant {
+        let _probe = self.probe.lock();
+        if let Some((until, recheck)) = *self.gate.lock()
+            && now < recheck
+        {
+            return Grant::Wait {
+                until: Some(until),
+                recheck: Some(recheck),
+            };
+        }
         let serial = self.serial.fetch_add(1, Ordering::Relaxed);
         let lease = format!("{}:{serial}", self.owner);
         let (order, args) = {
@@ -782,7 +884,7 @@ impl KeyStateStore for RedisStore {
             return Grant::NoUsableKeys;
         }
         let answer: Result<Vec<i64>, Error> =
-            self.run(|con| self.scripts.acquire.arg(&args).invoke(con));
+            self.run(|con| self.link.scripts.acquire.arg(&args).invoke(con));
         let answer = match answer {
             Ok(a) if a.len() == 3 => a,
             Ok(_) => {
@@ -816,15 +918,22 @@ impl KeyStateStore for RedisStore {
                 };
                 view.next_rr = slot + 1;
                 view.leases.insert(serial, held);
+                *self.gate.lock() = None;
                 Grant::Granted(Token {
                     idx: slot,
                     kind: TokenKind::Shared(serial),
                 })
             }
             0 => {
-                let wait = u64::try_from(answer[1] - answer[2]).unwrap_or(0);
+                // Asked again within `release_poll` at the latest, so keys freed by other processes
+                // (a release under an in-flight cap, a key enabled by hand) are seen that soon.
+                let wait = Duration::from_micros(u64::try_from(answer[1] - answer[2]).unwrap_or(0));
+                let until = now + wait;
+                let recheck = now + wait.min(self.link.conf.release_poll);
+                *self.gate.lock() = Some((until, recheck));
                 Grant::Wait {
-                    until: Some(now + Duration::from_micros(wait)),
+                    until: Some(until),
+                    recheck: Some(recheck),
                 }
             }
             _ => Grant::NoUsableKeys,
@@ -836,7 +945,7 @@ impl KeyStateStore for RedisStore {
             TokenKind::Shared(serial) => serial,
             TokenKind::Local(_) => return self.fallback.report(token, outcome, now),
         };
-        let (held, args) = {
+        let (id, args) = {
             let mut view = self.view.lock();
             let Some(held) = view.leases.remove(&serial) else {
                 return;
@@ -871,17 +980,31 @@ impl KeyStateStore for RedisStore {
                 micros(st.scope_refusal_window).to_string(),
                 u8::from(scope_wide).to_string(),
             ];
-            (held, args)
+            (held.id, args)
         };
-        let done: Result<i64, Error> = self.run(|con| self.scripts.report.arg(&args).invoke(con));
-        if let Err(e) = done {
-            // The lease expires by itself after lease_ttl; the outcome is lost for other processes.
-            tracing::debug!(key = %held.id, error = %e, "a report did not reach Redis");
+        let health = !matches!(
+            outcome,
+            None | Some(Outcome::Success | Outcome::NotKeyRelated)
+        );
+        let (done, wait) = if health {
+            let (tx, rx) = mpsc::sync_channel(1);
+            (Some(tx), Some(rx))
+        } else {
+            (None, None)
+        };
+        if self.reports.send(Job::Report(args.to_vec(), done)).is_err() {
+            tracing::debug!(key = %id, "the Redis report thread is gone; the lease expires by itself");
         }
+        if let Some(rx) = wait {
+            let _ = rx.recv();
+        }
+        // A release may free a place (in-flight caps): the next acquire asks Redis.
+        *self.gate.lock() = None;
     }
 
     fn change(&self, slot: u32, change: KeyChange, now: Instant) -> Result<(), Error> {
         self.fallback.change(slot, change, now)?;
+        self.flush();
         let Some(id) = self
             .view
             .lock()
@@ -907,7 +1030,8 @@ impl KeyStateStore for RedisStore {
             KeyChange::Reset => (4, 0),
         };
         let done: Result<i64, Error> = self.run(|con| {
-            self.scripts
+            self.link
+                .scripts
                 .change
                 .arg(&self.base)
                 .arg(&*id)
@@ -915,6 +1039,7 @@ impl KeyStateStore for RedisStore {
                 .arg(reason)
                 .invoke(con)
         });
+        *self.gate.lock() = None;
         match done {
             Ok(_) => Ok(()),
             Err(_) if self.fail_open() => Ok(()),
@@ -990,7 +1115,7 @@ impl KeyStateStore for RedisStore {
         self.fallback.apply_settings(settings.clone());
         let mut view = self.view.lock();
         view.settings = settings;
-        view.rebuild_header(self.lease_ttl, self.conf.release_poll, &self.base);
+        view.rebuild_header(self.lease_ttl, self.link.conf.release_poll, &self.base);
     }
 
     fn define_scope(&self, name: &str, limits: Vec<RateLimit>, max_in_flight: u32) {
@@ -1000,6 +1125,6 @@ impl KeyStateStore for RedisStore {
         let i = view.scope_idx(name);
         view.scopes[i].limits = limits;
         view.scopes[i].max_in_flight = max_in_flight;
-        view.rebuild_header(self.lease_ttl, self.conf.release_poll, &self.base);
+        view.rebuild_header(self.lease_ttl, self.link.conf.release_poll, &self.base);
     }
 }
