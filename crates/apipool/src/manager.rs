@@ -622,9 +622,10 @@ impl<K: ApiKey> ApiKeyManager<K> {
             Grant::NoUsableKeys => Step::Fail(Error::NoUsableKeys),
             #[cfg(feature = "redis")]
             Grant::Unavailable(e) => Step::Fail(e),
-            Grant::Wait { until } => match deadline {
+            Grant::Wait { until, recheck } => match deadline {
                 Some(deadline) if until.is_none_or(|t| t <= deadline) && now < deadline => {
-                    Step::Wait(until.map_or(deadline, |t| t.min(deadline)))
+                    let wake = until.map_or(deadline, |t| t.min(deadline));
+                    Step::Wait(recheck.map_or(wake, |r| r.min(wake)))
                 }
                 _ => Step::Fail(Error::PoolExhausted {
                     retry_at: until,

@@ -57,9 +57,11 @@ impl Token {
 pub(crate) enum Grant {
     Granted(Token),
     /// Nothing is free now. `until`: the earliest moment a key frees up by time; `None`: only a
-    /// finishing call can free one. Either way a release may come first.
+    /// finishing call can free one. Either way a release may come first. `recheck`: when to ask
+    /// again at the latest, for what the store cannot announce (a shared store's other processes).
     Wait {
         until: Option<Instant>,
+        recheck: Option<Instant>,
     },
     /// No key can become free without an administrative action.
     NoUsableKeys,
@@ -72,7 +74,10 @@ impl From<Acquire> for Grant {
     fn from(a: Acquire) -> Self {
         match a {
             Acquire::Granted(t) => Grant::Granted(Token::local(t)),
-            Acquire::Wait { until } => Grant::Wait { until },
+            Acquire::Wait { until } => Grant::Wait {
+                until,
+                recheck: None,
+            },
             Acquire::NoUsableKeys => Grant::NoUsableKeys,
         }
     }
