@@ -938,12 +938,12 @@ mod tests {
     /// reported on the line before.
     #[test]
     fn csv_line_numbers_count_lone_carriage_returns() {
-        let text = "identifier,raw_key\rk1,s1\r\nk2,s2\rk3,s3\n";
+        let text = "identifier,raw_key\nk1,s1\rk2,s2\r\nk3,s3\rk4,s4\n";
         let Ok(Parsed::Csv(rows, lines)) = parse_import(text) else {
             panic!("csv expected")
         };
-        assert_eq!(rows.len(), 3);
-        assert_eq!(lines, vec![2, 3, 4]);
+        assert_eq!(rows.len(), 4);
+        assert_eq!(lines, vec![2, 3, 4, 5]);
     }
 
     #[test]
