@@ -2,6 +2,7 @@
 //! Run: `cargo nextest run --workspace -E 'package(apipool-server)'`
 //! (PostgreSQL at APIPOOL_TEST_POSTGRES_URL, default postgres://postgres@127.0.0.1:5432/test).
 
+mod attacker;
 mod auth;
 mod faults;
 mod health;

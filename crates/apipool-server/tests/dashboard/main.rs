@@ -6,6 +6,7 @@
 //! message when they are missing. Screenshots land in `target/dashboard-screenshots/`.
 
 mod actions;
+mod attacker;
 mod browser;
 mod helpers;
 mod http;
