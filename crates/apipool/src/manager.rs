@@ -366,7 +366,9 @@ impl<K: ApiKey> ApiKeyManager<K> {
         }
         let mut calls = self.inner.calls.write();
         *calls = call_settings_from_config(config, calls.retry.max_refusals)?;
+        let timeout = calls.timeout;
         drop(calls);
+        self.inner.store.set_call_timeout(timeout);
         self.inner.released.notify(usize::MAX);
         Ok(())
     }

@@ -237,6 +237,54 @@ fn a_leaked_lease_expires_after_its_ttl() {
 }
 
 #[test]
+fn the_lease_lifetime_follows_the_pools_timeout() {
+    let p = prefix("lease-timeout");
+    let build = || {
+        ApiKeyManager::builder()
+            .name("lease-timeout")
+            .keys([Key("only")])
+            .max_in_flight_per_key(1)
+            .max_wait(Duration::ZERO)
+            .no_stats()
+            .redis(conf(&p))
+            .build()
+            .unwrap()
+    };
+    let dead = build();
+    let alive = build();
+    // Built with the default timeout (30 s: leases live 35 s), then configured with a 0.1 s
+    // timeout: a dead holder's lease must expire after 5.1 s, not 35 s (and a longer timeout
+    // lengthens it the same way, so a slow call's lease never expires under it).
+    let config = apipool::PoolConfig {
+        timeout: 0.1,
+        ..apipool::PoolConfig::default()
+    };
+    dead.apply_config(&config).unwrap();
+    leak(dead.try_acquire().unwrap());
+    let started = Instant::now();
+    let lease = loop {
+        match alive.try_acquire() {
+            Ok(l) => break l,
+            Err(Error::PoolExhausted {
+                retry_after: Some(d),
+                ..
+            }) => std::thread::sleep(d.max(Duration::from_millis(50))),
+            Err(e) => panic!("{e:?}"),
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the lease kept the 35 s lifetime of the build-time timeout"
+        );
+    };
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_secs(4),
+        "the lease lived for the new timeout + 5 s: {waited:?}"
+    );
+    lease.report(Outcome::Success);
+}
+
+#[test]
 fn unreachable_redis_fails_closed_with_a_typed_error() {
     let conf = RedisStoreConfig::new("redis://:hunter2@127.0.0.1:1")
         .unwrap()

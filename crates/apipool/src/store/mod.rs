@@ -15,7 +15,7 @@ use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// A hand-made change to one key's health.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -117,6 +117,8 @@ pub(crate) trait KeyStateStore: Send + Sync + fmt::Debug + 'static {
     fn apply_settings(&self, settings: Settings);
     /// Declares a quota scope.
     fn define_scope(&self, name: &str, limits: Vec<RateLimit>, max_in_flight: u32);
+    /// The pool's per-call timeout changed (a shared store sizes its leases' lifetime on it).
+    fn set_call_timeout(&self, _timeout: Duration) {}
 }
 
 /// The in-process store: the pure engine behind one lock.

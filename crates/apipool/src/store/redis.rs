@@ -310,6 +310,9 @@ struct View {
     next_rr: u32,
     seq: u64,
     rng: SmallRng,
+    /// How long a lease outlives a process that died holding it (from the config, else the
+    /// pool's call timeout + 5 s, following the timeout when the pool's config changes).
+    lease_ttl: Duration,
     /// The settings header of acquire/inspect calls (after the lease id), rebuilt on changes.
     header: Vec<String>,
 }
@@ -327,9 +330,9 @@ impl View {
         self.scopes.len() - 1
     }
 
-    fn rebuild_header(&mut self, ttl: Duration, poll: Duration, base: &str) {
+    fn rebuild_header(&mut self, poll: Duration, base: &str) {
         let mut h = vec![
-            micros(ttl).to_string(),
+            micros(self.lease_ttl).to_string(),
             micros(poll).to_string(),
             base.to_owned(),
             self.settings.max_in_flight.to_string(),
@@ -429,7 +432,6 @@ pub(crate) struct RedisStore {
     fallback: MemoryStore,
     link: Arc<Link>,
     base: String,
-    lease_ttl: Duration,
     /// Reports go through one thread, in order: a success returns at once (its lease keeps its
     /// place until the report lands, which only errs on the safe side); outcomes that change a
     /// key's health wait for Redis, so every process sees them when `report` returns.
@@ -611,9 +613,10 @@ impl RedisStore {
             next_rr: 0,
             seq: 0,
             rng,
+            lease_ttl,
             header: Vec::new(),
         };
-        view.rebuild_header(lease_ttl, conf.release_poll, &base);
+        view.rebuild_header(conf.release_poll, &base);
         let link = Arc::new(Link {
             conf,
             scripts: Scripts::new(),
@@ -636,7 +639,6 @@ impl RedisStore {
             fallback,
             link,
             base,
-            lease_ttl,
             reports,
             view: Mutex::new(view),
             owner: format!("{:016x}", rand::random::<u64>()),
@@ -842,8 +844,7 @@ impl KeyStateStore for RedisStore {
             in_flight: 0,
             last_used: 0,
         };
-        let (ttl, poll) = (self.lease_ttl, self.link.conf.release_poll);
-        view.rebuild_header(ttl, poll, &self.base);
+        view.rebuild_header(self.link.conf.release_poll, &self.base);
         slot
     }
 
@@ -1115,7 +1116,15 @@ impl KeyStateStore for RedisStore {
         self.fallback.apply_settings(settings.clone());
         let mut view = self.view.lock();
         view.settings = settings;
-        view.rebuild_header(self.lease_ttl, self.link.conf.release_poll, &self.base);
+        view.rebuild_header(self.link.conf.release_poll, &self.base);
+    }
+
+    fn set_call_timeout(&self, timeout: Duration) {
+        if self.link.conf.lease_ttl.is_none() {
+            let mut view = self.view.lock();
+            view.lease_ttl = timeout + Duration::from_secs(5);
+            view.rebuild_header(self.link.conf.release_poll, &self.base);
+        }
     }
 
     fn define_scope(&self, name: &str, limits: Vec<RateLimit>, max_in_flight: u32) {
@@ -1125,6 +1134,6 @@ impl KeyStateStore for RedisStore {
         let i = view.scope_idx(name);
         view.scopes[i].limits = limits;
         view.scopes[i].max_in_flight = max_in_flight;
-        view.rebuild_header(self.lease_ttl, self.link.conf.release_poll, &self.base);
+        view.rebuild_header(self.link.conf.release_poll, &self.base);
     }
 }
