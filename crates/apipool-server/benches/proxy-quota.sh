@@ -18,31 +18,12 @@ RATE=20
 ROOT=$(cd "$(dirname "$0")/../../.." && pwd)
 cd "$ROOT"
 [[ -n "${SKIP_BUILD:-}" ]] || cargo build --release --workspace --bins >&2
-BIN="${CARGO_TARGET_DIR:-$ROOT/target}/release"
-TMP=$(mktemp -d)
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$TMP"
-}
-trap cleanup EXIT
+# shellcheck source=bench-env.sh
+source "$ROOT/crates/apipool-server/benches/bench-env.sh"
 
 RAW=$(seq -s, -f 'quota-key-%02g' 0 $((KEYS - 1)))
-"$BIN/mock-upstream" --keys "$RAW" --rate "$RATE" --interval 1 >"$TMP/mock.out" 2>"$TMP/mock.err" &
-PIDS+=($!)
-for _ in $(seq 100); do grep -q listening "$TMP/mock.out" 2>/dev/null && break; sleep 0.05; done
-MOCK=$(sed -n 's/^listening on //p' "$TMP/mock.out")
-
-PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-SERVER="http://127.0.0.1:$PORT"
-RUST_LOG=warn APIPOOL_ADMIN_PASSWORD=quota-admin-password \
-  "$BIN/apipool" serve --bind "127.0.0.1:$PORT" --data-dir "$TMP/data" >"$TMP/server.out" 2>&1 &
-PIDS+=($!)
-for _ in $(seq 200); do curl -fs "$SERVER/health" >/dev/null && break; sleep 0.05; done
-TOKEN=$(curl -fs "$SERVER/api/v1/auth/login" -H 'content-type: application/json' \
-  -d '{"username":"admin","password":"quota-admin-password"}' | jq -r .access_token)
-api() { curl -fs -o /dev/null "$SERVER/api/v1$1" -H "authorization: Bearer $TOKEN" -H 'content-type: application/json' -d "$2"; }
+start_mock --keys "$RAW" --rate "$RATE" --interval 1
+start_server
 IDS=()
 for i in $(seq 0 $((KEYS - 1))); do
   api /keys "{\"identifier\":\"q$i\",\"raw_key\":\"$(printf 'quota-key-%02d' "$i")\"}"
