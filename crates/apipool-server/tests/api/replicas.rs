@@ -178,24 +178,38 @@ async fn key_disabled_on_a_is_skipped_by_b_on_redis() {
     key_disabled_on_one_replica(replicas_on_redis().await).await;
 }
 
-async fn key_disabled_on_one_replica(r: Replicas) {
-    let upstream_mock = mock(&["sk-dis-1", "sk-dis-2"]).await;
-    let t = r.a.admin_token.clone();
-    add_key(&r.a, &t, "d1", "sk-dis-1", None).await;
-    add_key(&r.a, &t, "d2", "sk-dis-2", None).await;
+/// A mock upstream with two raw keys, added on replica A as `keys`, in pool `pool`, whose engine
+/// is then live on both replicas (one call through each).
+async fn two_key_pool_live_on_both(
+    r: &Replicas,
+    raws: [&str; 2],
+    keys: [&str; 2],
+    pool: &str,
+) -> mock_upstream::MockServer {
+    let upstream_mock = mock(&raws).await;
+    let t = &r.a.admin_token;
+    for (key, raw) in keys.iter().zip(raws) {
+        add_key(&r.a, t, key, raw, None).await;
+    }
     make_pool(
         &r.a,
-        &t,
-        "dis",
-        &["d1", "d2"],
+        t,
+        pool,
+        &keys,
         upstream(&upstream_mock.url(), "bearer"),
     )
     .await;
-    // Both engines are live.
     for app in [&r.a, &r.b] {
-        let a = get_via_invoke(app, &t, "dis", "/price", json!({"id": "warm"})).await;
+        let a = get_via_invoke(app, t, pool, "/price", json!({"id": "warm"})).await;
         assert_eq!(a.status, 200, "{}", a.body);
     }
+    upstream_mock
+}
+
+async fn key_disabled_on_one_replica(r: Replicas) {
+    let upstream_mock =
+        two_key_pool_live_on_both(&r, ["sk-dis-1", "sk-dis-2"], ["d1", "d2"], "dis").await;
+    let t = r.a.admin_token.clone();
     let resp = r.a.put(&t, "/keys/d1", json!({"is_active": false})).await;
     assert_eq!(resp.status(), 200);
     let disabled_at = Instant::now();
@@ -235,22 +249,10 @@ async fn key_disabled_on_one_replica(r: Replicas) {
 /// truth when it comes back.
 async fn a_key_enabled_while_out_of_the_pool_rejoins_active() {
     let r = replicas_on_redis().await;
-    let upstream_mock = mock(&["sk-rejoin-1", "sk-rejoin-2"]).await;
+    // Kept alive to the end: the pool calls it.
+    let _upstream_mock =
+        two_key_pool_live_on_both(&r, ["sk-rejoin-1", "sk-rejoin-2"], ["j1", "j2"], "rejoin").await;
     let t = r.a.admin_token.clone();
-    add_key(&r.a, &t, "j1", "sk-rejoin-1", None).await;
-    add_key(&r.a, &t, "j2", "sk-rejoin-2", None).await;
-    make_pool(
-        &r.a,
-        &t,
-        "rejoin",
-        &["j1", "j2"],
-        upstream(&upstream_mock.url(), "bearer"),
-    )
-    .await;
-    for app in [&r.a, &r.b] {
-        let a = get_via_invoke(app, &t, "rejoin", "/price", json!({"id": "warm"})).await;
-        assert_eq!(a.status, 200, "{}", a.body);
-    }
     // Disabled (shared in Redis), taken out of the pool, enabled while out of it.
     assert_eq!(
         r.a.put(&t, "/keys/j1", json!({"is_active": false}))
