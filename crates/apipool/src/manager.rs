@@ -2,7 +2,7 @@
 
 use crate::clock::{Clock, SystemClock};
 use crate::config::{ConfigError, PoolConfig, RateLimit, Strategy};
-use crate::engine::{ArchiveReason, Engine, KeyReport, Settings};
+use crate::engine::{ArchiveReason, KeyReport, Settings};
 use crate::error::{CallError, Error};
 use crate::key::ApiKey;
 use crate::outcome::{Classifier, DefaultClassifier, Outcome};
@@ -882,6 +882,7 @@ pub struct ApiKeyManagerBuilder<K: ApiKey> {
     seed: Option<u64>,
     name: Option<Arc<str>>,
     allow_empty: bool,
+    shards: Option<usize>,
     #[cfg(feature = "redis")]
     redis: Option<crate::store::redis::RedisStoreConfig>,
 }
@@ -905,6 +906,7 @@ impl<K: ApiKey> Default for ApiKeyManagerBuilder<K> {
             seed: None,
             name: None,
             allow_empty: false,
+            shards: None,
             #[cfg(feature = "redis")]
             redis: None,
         }
@@ -1067,6 +1069,16 @@ impl<K: ApiKey> ApiKeyManagerBuilder<K> {
         self
     }
 
+    /// How many independent engines (each with its own lock) the in-memory key state is split
+    /// into, so threads acquiring at once do not queue on one lock. Default: one per core, at
+    /// most 16. Keys are spread over them in add order (a quota scope's keys share one); round
+    /// robin stays in add order and random and weighted stay proportional across them, while
+    /// least used is exact only within one. `1` keeps a single engine: one exact global order.
+    pub fn shards(mut self, n: usize) -> Self {
+        self.shards = Some(n.max(1));
+        self
+    }
+
     /// Shares the pool's key state on Redis (feature `redis`): every process that builds a pool
     /// with the same Redis URL, prefix and [`name`](Self::name) shares its keys' rate-limit
     /// windows, leases, cooldowns, bans and hand-made changes, so the configured limits hold
@@ -1106,7 +1118,8 @@ impl<K: ApiKey> ApiKeyManagerBuilder<K> {
         }
         settings_from_config(&mut settings, &config, limits)?;
         let calls = call_settings_from_config(&config, self.max_refusals)?;
-        let store = MemoryStore::new(Engine::new(settings, strategy, self.seed, self.clock.now()));
+        let shards = self.shards.unwrap_or_else(crate::store::default_shards);
+        let store = MemoryStore::new(settings, strategy, self.seed, self.clock.now(), shards);
         #[cfg(feature = "redis")]
         let store: Box<dyn KeyStateStore> = match self.redis {
             Some(conf) => Box::new(crate::store::redis::RedisStore::new(

@@ -404,6 +404,8 @@ pub(crate) struct Engine {
     rng: SmallRng,
     seq: u64,
     live: usize,
+    /// The weights of the live keys, summed (a sharded store picks a shard by it).
+    total_weight: u64,
     total_in_flight: u64,
 }
 
@@ -494,6 +496,7 @@ impl Engine {
             rng,
             seq: 0,
             live: 0,
+            total_weight: 0,
             total_in_flight: 0,
         }
     }
@@ -504,10 +507,6 @@ impl Engine {
 
     fn instant(&self, t: Tick) -> Instant {
         self.origin + Duration::from_nanos(t)
-    }
-
-    pub(crate) fn strategy(&self) -> Strategy {
-        self.strategy
     }
 
     pub(crate) fn settings(&self) -> &Settings {
@@ -521,6 +520,11 @@ impl Engine {
 
     pub(crate) fn in_flight(&self) -> u64 {
         self.total_in_flight
+    }
+
+    /// The weights of the live keys, summed (a zero weight counts as 1).
+    pub(crate) fn total_weight(&self) -> u64 {
+        self.total_weight
     }
 
     /// Defines (or redefines) a quota scope shared by several keys.
@@ -569,6 +573,7 @@ impl Engine {
     ) -> u32 {
         let now = self.tick(now);
         let scope = scope.map_or(NO_SCOPE, |s| self.scope_idx(s));
+        self.total_weight += u64::from(weight.max(1));
         let cold = Cold {
             id,
             weight: weight.max(1),
@@ -612,6 +617,7 @@ impl Engine {
         s.in_flight = 0;
         self.selector.remove(idx);
         self.live -= 1;
+        self.total_weight -= u64::from(self.cold[idx as usize].weight);
         self.free.push(idx);
     }
 
@@ -834,6 +840,12 @@ impl Engine {
     /// Grants a lease on a free key, preferring keys not in `avoid` (used by retries so a retry lands
     /// on a different key). Falls back to an avoided key rather than wait when it is the only one free.
     pub(crate) fn acquire(&mut self, now: Instant, avoid: &[u32]) -> Acquire {
+        self.acquire_with(now, avoid, true)
+    }
+
+    /// [`Self::acquire`]; with `fall_back` false an avoided key is never granted (a sharded store
+    /// first asks every shard for a key it was not told to avoid, then falls back).
+    pub(crate) fn acquire_with(&mut self, now: Instant, avoid: &[u32], fall_back: bool) -> Acquire {
         let now = self.tick(now);
         self.fire_timers(now);
         let mut picked = if avoid.is_empty() {
@@ -855,7 +867,7 @@ impl Engine {
             }
             picked
         };
-        if picked.is_none() && !avoid.is_empty() {
+        if picked.is_none() && !avoid.is_empty() && fall_back {
             picked = self.pick(now);
         }
         match picked {

@@ -1,7 +1,8 @@
 //! The key-state store: where the engine's per-key state lives and where its decisions are made.
 //!
 //! The pool talks to its store only through [`KeyStateStore`]. [`MemoryStore`] keeps the pure
-//! [`Engine`] behind one lock for a single process; a shared store (Redis, for pools used by many
+//! [`Engine`] for a single process, split into shards (one engine and one lock each) so threads
+//! acquiring at once do not queue on one lock; a shared store (Redis, for pools used by many
 //! processes, [`redis::RedisStore`]) implements the same trait: its Lua scripts hold the same rules.
 
 #[cfg(feature = "redis")]
@@ -11,10 +12,12 @@ use crate::config::{RateLimit, Strategy};
 use crate::engine::{Acquire, ArchiveReason, Engine, KeyReport, LeaseToken, Settings};
 use crate::error::Error;
 use crate::outcome::Outcome;
-use parking_lot::Mutex;
+use parking_lot::{Mutex, MutexGuard};
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 /// A hand-made change to one key's health.
@@ -44,9 +47,10 @@ enum TokenKind {
 }
 
 impl Token {
-    fn local(token: LeaseToken) -> Self {
+    /// A lease of the engine of shard `shard` (of `shards`); `idx` becomes the global slot.
+    fn local(token: LeaseToken, shard: usize, shards: usize) -> Self {
         Self {
-            idx: token.idx,
+            idx: global_slot(token.idx, shard, shards),
             kind: TokenKind::Local(token),
         }
     }
@@ -68,19 +72,6 @@ pub(crate) enum Grant {
     /// The store cannot decide (a shared store is unreachable and the pool fails closed).
     #[cfg(feature = "redis")]
     Unavailable(Error),
-}
-
-impl From<Acquire> for Grant {
-    fn from(a: Acquire) -> Self {
-        match a {
-            Acquire::Granted(t) => Grant::Granted(Token::local(t)),
-            Acquire::Wait { until } => Grant::Wait {
-                until,
-                recheck: None,
-            },
-            Acquire::NoUsableKeys => Grant::NoUsableKeys,
-        }
-    }
 }
 
 /// Key state and the decisions made on it. Keys are addressed by the slot the store gave them.
@@ -121,36 +112,355 @@ pub(crate) trait KeyStateStore: Send + Sync + fmt::Debug + 'static {
     fn set_call_timeout(&self, _timeout: Duration) {}
 }
 
-/// The in-process store: the pure engine behind one lock.
-#[derive(Debug)]
-pub(crate) struct MemoryStore {
+/// Shards a [`MemoryStore`] makes at most.
+pub(crate) const MAX_SHARDS: usize = 16;
+
+/// The default shard count: one per core the process may use, at most [`MAX_SHARDS`].
+pub(crate) fn default_shards() -> usize {
+    std::thread::available_parallelism()
+        .map_or(1, std::num::NonZeroUsize::get)
+        .clamp(1, MAX_SHARDS)
+}
+
+/// The global slot of local slot `local` of shard `shard`: slots interleave over the shards, so
+/// keys placed round-robin keep their add order as slots.
+fn global_slot(local: u32, shard: usize, shards: usize) -> u32 {
+    // `shards` ≤ MAX_SHARDS: the casts are exact.
+    local
+        .saturating_mul(shards as u32)
+        .saturating_add(shard as u32)
+}
+
+/// One engine with its lock, on cache lines of its own (two: adjacent-line prefetch).
+#[repr(align(128))]
+struct Shard {
     engine: Mutex<Engine>,
 }
 
+/// What a shard holds, published for lock-free shard choice (written under the shard's lock on
+/// add and remove only, so acquiring threads only read these lines).
+#[derive(Debug, Default)]
+struct Census {
+    keys: AtomicU32,
+    weight: AtomicU64,
+}
+
+/// Where new keys go.
+#[derive(Debug, Default)]
+struct Placement {
+    /// Keys placed round-robin so far.
+    next: usize,
+    /// The shard of each quota scope (all its keys share one engine, which enforces its limits).
+    scopes: HashMap<String, usize>,
+}
+
+/// The in-process store: the pure engine, sharded.
+///
+/// `S` shards (fixed at construction), each one [`Engine`] behind its own lock. Keys are placed
+/// round-robin over the shards in add order (global slot = local slot × S + shard), except the
+/// keys of a quota scope, which all go to the shard of the scope's first key. An acquire picks a
+/// start shard the way its strategy picks keys — round robin by a global counter (so keys added
+/// in order come out in that order when all are free), random in proportion to the shards' key
+/// counts, weighted in proportion to their total weights, least used by rotation (the least used
+/// key *within* the shard: approximate across shards) — takes it with `try_lock`, and moves on to
+/// the next shard when it is contended or has no free key. With one shard it is the engine
+/// behind one lock, exactly.
+pub(crate) struct MemoryStore {
+    shards: Box<[Shard]>,
+    census: Box<[Census]>,
+    /// Keys in the store (round robin counts over them).
+    keys: AtomicUsize,
+    /// The round-robin / least-used start counter, on a line of its own.
+    next: Padded<AtomicUsize>,
+    strategy: AtomicU8,
+    place: Mutex<Placement>,
+}
+
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct Padded<T>(T);
+
+impl fmt::Debug for MemoryStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MemoryStore")
+            .field("shards", &self.shards.len())
+            .field("keys", &self.len())
+            .finish_non_exhaustive()
+    }
+}
+
+const STRATEGIES: [Strategy; 4] = [
+    Strategy::Random,
+    Strategy::RoundRobin,
+    Strategy::LeastUsed,
+    Strategy::Weighted,
+];
+
+fn strategy_code(s: Strategy) -> u8 {
+    match s {
+        Strategy::Random => 0,
+        Strategy::RoundRobin => 1,
+        Strategy::LeastUsed => 2,
+        Strategy::Weighted => 3,
+    }
+}
+
+thread_local! {
+    /// The shard-choice random state of this thread (no cache line shared between threads).
+    static SHARD_RNG: Cell<u64> = Cell::new(rand::random::<u64>());
+}
+
+/// A uniform draw in `0..n` (`n > 0`) from this thread's generator (splitmix64, multiply-shift).
+fn draw_below(n: u64) -> u64 {
+    let z = SHARD_RNG.with(|c| {
+        let x = c.get().wrapping_add(0x9E37_79B9_7F4A_7C15);
+        c.set(x);
+        let mut z = x;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    });
+    ((u128::from(z) * u128::from(n)) >> 64) as u64
+}
+
+/// Folds the shards' refusals into the answer one engine would give: wait for the earliest
+/// moment any shard frees a key by time, or for a release when some shard has calls in flight;
+/// no usable key only when no shard can free one.
+#[derive(Debug, Default)]
+struct Refusals {
+    wait: bool,
+    until: Option<Instant>,
+}
+
+impl Refusals {
+    fn add(&mut self, a: Acquire) {
+        if let Acquire::Wait { until } = a {
+            self.wait = true;
+            if let Some(t) = until {
+                self.until = Some(self.until.map_or(t, |u| u.min(t)));
+            }
+        }
+    }
+
+    fn grant(self) -> Grant {
+        if self.wait {
+            Grant::Wait {
+                until: self.until,
+                recheck: None,
+            }
+        } else {
+            Grant::NoUsableKeys
+        }
+    }
+}
+
 impl MemoryStore {
-    pub(crate) fn new(engine: Engine) -> Self {
+    /// A store of `shards` engines (clamped to 1..=[`MAX_SHARDS`]) built alike; shard `i`'s
+    /// random generator is seeded from `seed` and `i`.
+    pub(crate) fn new(
+        settings: Settings,
+        strategy: Strategy,
+        seed: Option<u64>,
+        origin: Instant,
+        shards: usize,
+    ) -> Self {
+        let n = shards.clamp(1, MAX_SHARDS);
+        let shards: Box<[Shard]> = (0..n as u64)
+            .map(|i| Shard {
+                engine: Mutex::new(Engine::new(
+                    settings.clone(),
+                    strategy,
+                    seed.map(|s| s ^ i.wrapping_mul(0x9E37_79B9_7F4A_7C15)),
+                    origin,
+                )),
+            })
+            .collect();
         Self {
-            engine: Mutex::new(engine),
+            shards,
+            census: (0..n).map(|_| Census::default()).collect(),
+            keys: AtomicUsize::new(0),
+            next: Padded(AtomicUsize::new(0)),
+            strategy: AtomicU8::new(strategy_code(strategy)),
+            place: Mutex::new(Placement::default()),
+        }
+    }
+
+    /// Shards in this store.
+    #[cfg(test)]
+    fn shard_count(&self) -> usize {
+        self.shards.len()
+    }
+
+    /// The shard and local slot of a global slot.
+    fn locate(&self, slot: u32) -> (usize, u32) {
+        let n = self.shards.len() as u32;
+        ((slot % n) as usize, slot / n)
+    }
+
+    fn lock(&self, shard: usize) -> MutexGuard<'_, Engine> {
+        self.shards[shard].engine.lock()
+    }
+
+    /// Publishes a shard's key count and total weight (called under its lock).
+    fn census_of(&self, shard: usize, e: &Engine) {
+        let c = &self.census[shard];
+        c.keys
+            .store(u32::try_from(e.len()).unwrap_or(u32::MAX), Relaxed);
+        c.weight.store(e.total_weight(), Relaxed);
+    }
+
+    /// The shard an acquire tries first.
+    fn start_shard(&self) -> usize {
+        let n = self.shards.len();
+        match STRATEGIES[usize::from(self.strategy.load(Relaxed))] {
+            Strategy::RoundRobin | Strategy::LeastUsed => {
+                // Turn c goes to the shard of the c-th key (mod the key count): with keys placed
+                // round-robin, each shard serves its keys in order and they interleave in add
+                // order, whatever the shard sizes.
+                let keys = self.keys.load(Relaxed).max(1);
+                self.next.0.fetch_add(1, Relaxed) % keys % n
+            }
+            Strategy::Random => self.proportional(|c| u64::from(c.keys.load(Relaxed))),
+            Strategy::Weighted => self.proportional(|c| c.weight.load(Relaxed)),
+        }
+    }
+
+    /// A shard drawn in proportion to `size` (shard 0 when every size is 0).
+    fn proportional(&self, size: impl Fn(&Census) -> u64) -> usize {
+        let mut sizes = [0u64; MAX_SHARDS];
+        let mut total = 0u64;
+        for (s, c) in sizes.iter_mut().zip(self.census.iter()) {
+            *s = size(c);
+            total += *s;
+        }
+        if total == 0 {
+            return 0;
+        }
+        let mut r = draw_below(total);
+        for (i, &s) in sizes.iter().enumerate().take(self.shards.len()) {
+            if r < s {
+                return i;
+            }
+            r -= s;
+        }
+        0
+    }
+
+    /// Asks the shards in turn from `start` (contended ones last) until one grants; folds their
+    /// refusals otherwise. `ask(shard, engine)`; shards with no key are skipped.
+    fn sweep(&self, start: usize, mut ask: impl FnMut(usize, &mut Engine) -> Acquire) -> Grant {
+        let n = self.shards.len();
+        let mut refusals = Refusals::default();
+        let mut contended = 0u32;
+        for i in 0..n {
+            let shard = if start + i < n {
+                start + i
+            } else {
+                start + i - n
+            };
+            if self.census[shard].keys.load(Relaxed) == 0 {
+                continue;
+            }
+            let Some(mut e) = self.shards[shard].engine.try_lock() else {
+                contended |= 1 << shard;
+                continue;
+            };
+            match ask(shard, &mut e) {
+                Acquire::Granted(t) => return Grant::Granted(Token::local(t, shard, n)),
+                refused => refusals.add(refused),
+            }
+        }
+        for i in 0..n {
+            let shard = if start + i < n {
+                start + i
+            } else {
+                start + i - n
+            };
+            if contended & (1 << shard) == 0 {
+                continue;
+            }
+            match ask(shard, &mut self.lock(shard)) {
+                Acquire::Granted(t) => return Grant::Granted(Token::local(t, shard, n)),
+                refused => refusals.add(refused),
+            }
+        }
+        refusals.grant()
+    }
+
+    fn each(&self, mut f: impl FnMut(usize, &mut Engine)) {
+        for (i, s) in self.shards.iter().enumerate() {
+            f(i, &mut s.engine.lock());
         }
     }
 }
 
 impl KeyStateStore for MemoryStore {
     fn add_key(&self, id: Arc<str>, weight: u32, scope: Option<&str>, now: Instant) -> u32 {
-        self.engine.lock().add_key(id, weight, scope, now)
+        let n = self.shards.len();
+        let mut place = self.place.lock();
+        let scoped = scope.and_then(|s| place.scopes.get(s).copied());
+        let shard = scoped.unwrap_or_else(|| {
+            let shard = place.next % n;
+            place.next += 1;
+            shard
+        });
+        if let (Some(name), None) = (scope, scoped) {
+            place.scopes.insert(name.to_owned(), shard);
+        }
+        let mut e = self.lock(shard);
+        let local = e.add_key(id, weight, scope, now);
+        self.census_of(shard, &e);
+        self.keys.fetch_add(1, Relaxed);
+        global_slot(local, shard, n)
     }
 
     fn remove_key(&self, slot: u32) {
-        self.engine.lock().remove_key(slot);
+        let (shard, local) = self.locate(slot);
+        let mut e = self.lock(shard);
+        let before = e.len();
+        e.remove_key(local);
+        self.census_of(shard, &e);
+        self.keys.fetch_sub(before - e.len(), Relaxed);
     }
 
     fn acquire(&self, now: Instant, avoid: &[u32]) -> Grant {
-        self.engine.lock().acquire(now, avoid).into()
+        let n = self.shards.len();
+        if n == 1 {
+            return match self.lock(0).acquire(now, avoid) {
+                Acquire::Granted(t) => Grant::Granted(Token::local(t, 0, 1)),
+                refused => {
+                    let mut r = Refusals::default();
+                    r.add(refused);
+                    r.grant()
+                }
+            };
+        }
+        let start = self.start_shard();
+        if !avoid.is_empty() {
+            // First a key no shard was told to avoid, then (as one engine does) an avoided key
+            // rather than wait.
+            let mut local = Vec::with_capacity(avoid.len());
+            let strict = self.sweep(start, |shard, e| {
+                local.clear();
+                local.extend(avoid.iter().filter_map(|&g| {
+                    let (s, l) = self.locate(g);
+                    (s == shard).then_some(l)
+                }));
+                e.acquire_with(now, &local, false)
+            });
+            if let Grant::Granted(_) = strict {
+                return strict;
+            }
+        }
+        self.sweep(start, |_, e| e.acquire(now, &[]))
     }
 
     fn report(&self, token: Token, outcome: Option<Outcome>, now: Instant) {
         match token.kind {
-            TokenKind::Local(t) => self.engine.lock().report(t, outcome, now),
+            TokenKind::Local(t) => {
+                let (shard, _) = self.locate(token.idx);
+                self.lock(shard).report(t, outcome, now);
+            }
             // A shared store's lease never reaches its fallback engine.
             #[cfg(feature = "redis")]
             TokenKind::Shared(_) => {}
@@ -158,57 +468,405 @@ impl KeyStateStore for MemoryStore {
     }
 
     fn change(&self, slot: u32, change: KeyChange, now: Instant) -> Result<(), Error> {
-        let mut e = self.engine.lock();
+        let (shard, k) = self.locate(slot);
+        let mut e = self.lock(shard);
         match change {
-            KeyChange::Disable => e.disable(slot),
-            KeyChange::Enable => e.enable(slot, now),
-            KeyChange::Archive(reason) => e.archive(slot, reason),
-            KeyChange::Reset => e.reset(slot, now),
+            KeyChange::Disable => e.disable(k),
+            KeyChange::Enable => e.enable(k, now),
+            KeyChange::Archive(reason) => e.archive(k, reason),
+            KeyChange::Reset => e.reset(k, now),
         }
         Ok(())
     }
 
     fn explain(&self, slot: u32, now: Instant) -> Option<KeyReport> {
-        self.engine.lock().explain(slot, now)
+        let (shard, k) = self.locate(slot);
+        self.lock(shard).explain(k, now)
     }
 
     fn is_archived(&self, slot: u32) -> bool {
-        self.engine.lock().is_archived(slot)
+        let (shard, k) = self.locate(slot);
+        self.lock(shard).is_archived(k)
     }
 
     fn len(&self) -> usize {
-        self.engine.lock().len()
+        self.keys.load(Relaxed)
     }
 
     fn in_flight(&self) -> u64 {
-        self.engine.lock().in_flight()
+        let mut total = 0;
+        self.each(|_, e| total += e.in_flight());
+        total
     }
 
     fn available_count(&self, now: Instant) -> usize {
-        self.engine.lock().available_count(now)
+        let mut total = 0;
+        self.each(|_, e| total += e.available_count(now));
+        total
     }
 
     fn state_counts(&self, now: Instant) -> HashMap<&'static str, usize> {
-        self.engine.lock().state_counts(now)
+        let mut out = HashMap::new();
+        self.each(|_, e| {
+            for (state, count) in e.state_counts(now) {
+                *out.entry(state).or_default() += count;
+            }
+        });
+        out
     }
 
     fn strategy(&self) -> Strategy {
-        self.engine.lock().strategy()
+        STRATEGIES[usize::from(self.strategy.load(Relaxed))]
     }
 
     fn set_strategy(&self, strategy: Strategy) {
-        self.engine.lock().set_strategy(strategy);
+        self.each(|_, e| e.set_strategy(strategy));
+        self.strategy.store(strategy_code(strategy), Relaxed);
     }
 
     fn settings(&self) -> Settings {
-        self.engine.lock().settings().clone()
+        self.lock(0).settings().clone()
     }
 
     fn apply_settings(&self, settings: Settings) {
-        self.engine.lock().apply_settings(settings);
+        self.each(|_, e| e.apply_settings(settings.clone()));
     }
 
     fn define_scope(&self, name: &str, limits: Vec<RateLimit>, max_in_flight: u32) {
-        self.engine.lock().define_scope(name, limits, max_in_flight);
+        self.each(|_, e| {
+            e.define_scope(name, limits.clone(), max_in_flight);
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn store(
+        shards: usize,
+        strategy: Strategy,
+        settings: Settings,
+        keys: &[(u32, Option<&str>)],
+    ) -> (MemoryStore, Instant) {
+        let t0 = Instant::now();
+        let s = MemoryStore::new(settings, strategy, Some(7), t0, shards);
+        for (i, &(weight, scope)) in keys.iter().enumerate() {
+            s.add_key(Arc::from(format!("k{i}")), weight, scope, t0);
+        }
+        (s, t0)
+    }
+
+    fn plain(n: usize) -> Vec<(u32, Option<&'static str>)> {
+        vec![(1, None); n]
+    }
+
+    fn one_at(s: &MemoryStore, now: Instant, avoid: &[u32]) -> u32 {
+        match s.acquire(now, avoid) {
+            Grant::Granted(t) => {
+                s.report(t, Some(Outcome::Success), now);
+                t.idx
+            }
+            other => panic!("expected a grant, got {other:?}"),
+        }
+    }
+
+    fn held(s: &MemoryStore, now: Instant) -> Token {
+        match s.acquire(now, &[]) {
+            Grant::Granted(t) => t,
+            other => panic!("expected a grant, got {other:?}"),
+        }
+    }
+
+    /// Pearson's chi-square of `counts` against `expected` shares (summing to 1).
+    fn chi_square(counts: &[u64], expected: &[f64]) -> f64 {
+        let n = counts.iter().sum::<u64>() as f64;
+        counts
+            .iter()
+            .zip(expected)
+            .map(|(&c, &p)| n.mul_add(-p, c as f64).powi(2) / (n * p))
+            .sum()
+    }
+
+    #[test]
+    fn slots_interleave_and_round_robin_keeps_the_global_add_order() {
+        for shards in [1, 2, 3] {
+            let (s, t0) = store(shards, Strategy::RoundRobin, Settings::default(), &plain(7));
+            assert_eq!(s.shard_count(), shards);
+            assert_eq!(s.len(), 7);
+            let order: Vec<u32> = (0..21).map(|_| one_at(&s, t0, &[])).collect();
+            let expected: Vec<u32> = (0..21).map(|i| i % 7).collect();
+            assert_eq!(order, expected, "{shards} shards");
+        }
+    }
+
+    #[test]
+    fn fewer_keys_than_shards_still_rotate_over_every_key() {
+        let (s, t0) = store(16, Strategy::RoundRobin, Settings::default(), &plain(3));
+        let order: Vec<u32> = (0..9).map(|_| one_at(&s, t0, &[])).collect();
+        assert_eq!(order, vec![0, 1, 2, 0, 1, 2, 0, 1, 2]);
+    }
+
+    #[test]
+    fn random_is_uniform_over_keys_whatever_the_shard_sizes() {
+        // 3 shards of 3, 2 and 2 keys: picking a shard uniformly would give the 3-key shard's
+        // keys 1/9 each instead of 1/7.
+        let (s, t0) = store(3, Strategy::Random, Settings::default(), &plain(7));
+        let mut counts = [0u64; 7];
+        for _ in 0..70_000 {
+            counts[one_at(&s, t0, &[]) as usize] += 1;
+        }
+        let chi = chi_square(&counts, &[1.0 / 7.0; 7]);
+        // 6 degrees of freedom: P(chi² > 30) < 1e-4; a shard-uniform pick scores in the thousands.
+        assert!(chi < 30.0, "chi² {chi}, counts {counts:?}");
+    }
+
+    #[test]
+    fn weighted_follows_weights_across_shards() {
+        // Shard 0 holds weights 1 and 3, shard 1 holds 2 and 10 (total 16).
+        let keys = [(1, None), (2, None), (3, None), (10, None)];
+        let (s, t0) = store(2, Strategy::Weighted, Settings::default(), &keys);
+        let mut counts = [0u64; 4];
+        for _ in 0..80_000 {
+            counts[one_at(&s, t0, &[]) as usize] += 1;
+        }
+        let chi = chi_square(&counts, &[1.0 / 16.0, 2.0 / 16.0, 3.0 / 16.0, 10.0 / 16.0]);
+        // 3 degrees of freedom: P(chi² > 22) < 1e-4.
+        assert!(chi < 22.0, "chi² {chi}, counts {counts:?}");
+    }
+
+    #[test]
+    fn a_scopes_keys_share_one_shard_which_enforces_its_limits() {
+        let keys = [
+            (1, Some("s")),
+            (1, None),
+            (1, Some("s")),
+            (1, Some("s")),
+            (1, None),
+        ];
+        let one = Settings {
+            max_in_flight: 1,
+            ..Settings::default()
+        };
+        let (s, t0) = store(2, Strategy::RoundRobin, one, &keys);
+        s.define_scope("s", vec![RateLimit::per_second(3).unwrap()], 2);
+        let slots: Vec<(u32, KeyReport)> = (0..20)
+            .filter_map(|slot| s.explain(slot, t0).map(|r| (slot, r)))
+            .collect();
+        assert_eq!(slots.len(), 5);
+        let scoped: Vec<u32> = slots
+            .iter()
+            .filter(|(_, r)| r.scope.is_some())
+            .map(|&(slot, _)| slot)
+            .collect();
+        assert_eq!(scoped.len(), 3);
+        let shard = s.locate(scoped[0]).0;
+        assert!(scoped.iter().all(|&k| s.locate(k).0 == shard), "{scoped:?}");
+        // In flight: at most 2 of the scope at once, though 3 of its keys are free.
+        let leases: Vec<Token> = (0..4).map(|_| held(&s, t0)).collect();
+        let in_scope = leases.iter().filter(|t| scoped.contains(&t.idx)).count();
+        assert_eq!(in_scope, 2, "{leases:?}");
+        assert!(matches!(
+            s.acquire(t0, &[]),
+            Grant::Wait { until: None, .. }
+        ));
+        for t in leases {
+            s.report(t, Some(Outcome::Success), t0);
+        }
+        // 3 per second over the scope: the 4th scope call within the second waits.
+        let mut scope_calls = 0;
+        for _ in 0..20 {
+            match s.acquire(t0, &[]) {
+                Grant::Granted(t) => {
+                    scope_calls += usize::from(scoped.contains(&t.idx));
+                    s.report(t, Some(Outcome::Success), t0);
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        // 2 successes above already count toward the window.
+        assert_eq!(scope_calls, 1);
+    }
+
+    /// The same scenario on one engine and on sharded stores gives the same answer.
+    fn same_answer(
+        settings: &Settings,
+        keys: usize,
+        scenario: impl Fn(&MemoryStore, Instant) -> Grant,
+    ) {
+        // Grants and waits, with times as offsets from each store's start.
+        let answers: Vec<Option<Option<Duration>>> = [1, 2, 3]
+            .into_iter()
+            .map(|shards| {
+                let (s, t0) = store(shards, Strategy::Random, settings.clone(), &plain(keys));
+                match scenario(&s, t0) {
+                    Grant::Wait { until, .. } => Some(until.map(|u| u - t0)),
+                    other => panic!("{shards} shards: {other:?}"),
+                }
+            })
+            .collect();
+        assert_eq!(answers[0], answers[1]);
+        assert_eq!(answers[0], answers[2]);
+    }
+
+    #[test]
+    fn refusals_combine_as_one_engine_would() {
+        let one = Settings {
+            max_in_flight: 1,
+            ..Settings::default()
+        };
+        let secs = Duration::from_secs;
+        // Two keys cool for 10 s and 5 s: wait for the earliest.
+        same_answer(&Settings::default(), 2, |s, t0| {
+            for d in [10, 5] {
+                let t = held(s, t0);
+                s.report(t, Some(Outcome::rate_limited(Some(secs(d)))), t0);
+            }
+            let g = s.acquire(t0, &[]);
+            assert_eq!(
+                g,
+                Grant::Wait {
+                    until: Some(t0 + secs(5)),
+                    recheck: None
+                }
+            );
+            g
+        });
+        // One key cools, the others are busy (one call each): the cooldown's end is the hint
+        // (a release may come first).
+        same_answer(&one, 3, |s, t0| {
+            let t = held(s, t0);
+            s.report(t, Some(Outcome::rate_limited(Some(secs(10)))), t0);
+            let _busy = (held(s, t0), held(s, t0));
+            s.acquire(t0, &[])
+        });
+        // Every key busy: only a release frees one.
+        same_answer(&one, 3, |s, t0| {
+            let _busy = (held(s, t0), held(s, t0), held(s, t0));
+            let g = s.acquire(t0, &[]);
+            assert_eq!(
+                g,
+                Grant::Wait {
+                    until: None,
+                    recheck: None
+                }
+            );
+            g
+        });
+    }
+
+    #[test]
+    fn no_usable_keys_only_when_no_shard_has_one() {
+        let one = Settings {
+            max_in_flight: 1,
+            ..Settings::default()
+        };
+        let (s, t0) = store(3, Strategy::Random, one, &plain(3));
+        let manual = KeyChange::Archive(ArchiveReason::Manual);
+        s.change(0, KeyChange::Disable, t0).unwrap();
+        s.change(1, manual, t0).unwrap();
+        for _ in 0..50 {
+            assert_eq!(one_at(&s, t0, &[]), 2);
+        }
+        let busy = held(&s, t0);
+        assert_eq!(
+            s.acquire(t0, &[]),
+            Grant::Wait {
+                until: None,
+                recheck: None
+            }
+        );
+        s.report(busy, None, t0);
+        s.change(2, manual, t0).unwrap();
+        assert_eq!(s.acquire(t0, &[]), Grant::NoUsableKeys);
+        s.change(1, KeyChange::Reset, t0).unwrap();
+        assert_eq!(one_at(&s, t0, &[]), 1);
+    }
+
+    #[test]
+    fn avoid_lists_apply_across_shards_and_fall_back_rather_than_wait() {
+        let one = Settings {
+            max_in_flight: 1,
+            ..Settings::default()
+        };
+        for strategy in STRATEGIES {
+            let (s, t0) = store(3, strategy, one.clone(), &plain(6));
+            for _ in 0..60 {
+                assert_eq!(one_at(&s, t0, &[0, 1, 2, 3, 4]), 5, "{strategy:?}");
+                assert_ne!(one_at(&s, t0, &[5, 4]), 5, "{strategy:?}");
+            }
+            // Everything avoided: an avoided key rather than a wait.
+            let t = match s.acquire(t0, &[0, 1, 2, 3, 4, 5]) {
+                Grant::Granted(t) => t,
+                other => panic!("{other:?}"),
+            };
+            // The only key not avoided is busy: an avoided one.
+            let others: Vec<u32> = (0..6).filter(|&k| k != t.idx).collect();
+            let u = match s.acquire(t0, &others) {
+                Grant::Granted(u) => u,
+                other => panic!("{other:?}"),
+            };
+            assert!(others.contains(&u.idx), "{strategy:?}: {u:?} {t:?}");
+        }
+    }
+
+    #[test]
+    fn many_threads_lose_and_double_no_lease() {
+        let one = Settings {
+            max_in_flight: 2,
+            ..Settings::default()
+        };
+        for strategy in STRATEGIES {
+            let (s, t0) = store(4, strategy, one.clone(), &plain(8));
+            let granted = AtomicU64::new(0);
+            std::thread::scope(|sc| {
+                for th in 0..4u64 {
+                    let (s, granted) = (&s, &granted);
+                    sc.spawn(move || {
+                        let mut mine = Vec::new();
+                        for i in 0..5_000u64 {
+                            if let Grant::Granted(t) = s.acquire(t0, &[]) {
+                                granted.fetch_add(1, Relaxed);
+                                mine.push(t);
+                            }
+                            // Hold up to 3 leases, release with and without an outcome.
+                            if mine.len() > 2 || i % 5 == th {
+                                for t in mine.drain(..) {
+                                    let outcome = (i % 3 != 0).then_some(Outcome::Success);
+                                    s.report(t, outcome, t0);
+                                }
+                            }
+                        }
+                        for t in mine {
+                            s.report(t, Some(Outcome::Success), t0);
+                        }
+                    });
+                }
+            });
+            assert_eq!(s.in_flight(), 0, "{strategy:?}");
+            let calls: u64 = (0..8).map(|k| s.explain(k, t0).unwrap().calls).sum();
+            assert_eq!(calls, granted.load(Relaxed), "{strategy:?}");
+            assert!(calls > 10_000, "{strategy:?}: {calls}");
+            assert_eq!(s.available_count(t0), 8);
+        }
+    }
+
+    #[test]
+    fn removed_keys_and_counts_route_by_slot() {
+        let (s, t0) = store(3, Strategy::RoundRobin, Settings::default(), &plain(6));
+        s.remove_key(4);
+        assert_eq!(s.len(), 5);
+        assert!(s.explain(4, t0).is_none());
+        assert_eq!(s.state_counts(t0).get("active"), Some(&5));
+        for _ in 0..30 {
+            assert_ne!(one_at(&s, t0, &[]), 4);
+        }
+        // The freed local slot is reused by the next key of that shard.
+        let slots: Vec<u32> = (0..3)
+            .map(|i| s.add_key(Arc::from(format!("again{i}")), 1, None, t0))
+            .collect();
+        assert!(slots.contains(&4), "{slots:?}");
+        assert_eq!(s.len(), 8);
     }
 }
