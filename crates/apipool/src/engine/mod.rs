@@ -240,6 +240,9 @@ struct Slot {
     reason: u8,
     live: bool,
     parked: bool,
+    /// In the selector (mirrors `Selector::contains`, so a report need not read the selector's
+    /// tables).
+    listed: bool,
 }
 
 /// What is read rarely: by `explain`, on failures and rate limits, when a key is added.
@@ -286,6 +289,7 @@ impl Slot {
             reason: 0,
             live: true,
             parked: false,
+            listed: false,
         }
     }
 
@@ -615,7 +619,7 @@ impl Engine {
             self.scopes[sc].in_flight -= s.in_flight.min(self.scopes[sc].in_flight);
         }
         s.in_flight = 0;
-        self.selector.remove(idx);
+        self.sel_remove(idx);
         self.live -= 1;
         self.total_weight -= u64::from(self.cold[idx as usize].weight);
         self.free.push(idx);
@@ -650,11 +654,17 @@ impl Engine {
     }
 
     fn sel_insert(&mut self, k: u32) {
-        let s = &self.slots[k as usize];
+        let s = &mut self.slots[k as usize];
         if s.live && matches!(s.tag, Tag::Active | Tag::Cooling | Tag::Banned) {
+            s.listed = true;
             let weight = self.cold[k as usize].weight;
             self.selector.insert(k, s.in_flight, s.last_used, weight);
         }
+    }
+
+    fn sel_remove(&mut self, k: u32) {
+        self.selector.remove(k);
+        self.slots[k as usize].listed = false;
     }
 
     fn schedule(&mut self, k: u32, t: Tick) {
@@ -818,12 +828,12 @@ impl Engine {
                     return Some(k);
                 }
                 Avail::Until(t) => {
-                    self.selector.remove(k);
+                    self.sel_remove(k);
                     self.schedule(k, t);
                 }
-                Avail::Release | Avail::Gone => self.selector.remove(k),
+                Avail::Release | Avail::Gone => self.sel_remove(k),
                 Avail::Scope(sc, until) => {
-                    self.selector.remove(k);
+                    self.sel_remove(k);
                     let s = &mut self.slots[k as usize];
                     if !s.parked {
                         s.parked = true;
@@ -859,7 +869,7 @@ impl Engine {
                 .filter(|&a| self.selector.contains(a))
                 .collect();
             for &a in &set_aside {
-                self.selector.remove(a);
+                self.sel_remove(a);
             }
             let picked = self.pick(now);
             for a in set_aside {
@@ -933,7 +943,7 @@ impl Engine {
                 self.unpark(sc);
             }
         }
-        if self.selector.contains(k) {
+        if self.slots[k as usize].listed {
             let s = &self.slots[k as usize];
             self.selector.touch(k, s.in_flight, s.last_used);
         } else if waiting_on_release {
@@ -989,7 +999,7 @@ impl Engine {
                 if s.consecutive_failures >= self.settings.ban_threshold && s.tag == Tag::Active {
                     let until = now.saturating_add(nanos(self.settings.ban_duration));
                     s.set_state(State::Banned { until });
-                    self.selector.remove(k);
+                    self.sel_remove(k);
                     self.schedule(k, until);
                 }
             }
@@ -1033,7 +1043,7 @@ impl Engine {
             _ => {}
         }
         s.set_state(State::Cooling { until, reason });
-        self.selector.remove(k);
+        self.sel_remove(k);
         self.schedule(k, until);
     }
 
@@ -1066,7 +1076,7 @@ impl Engine {
         }
         s.set_state(State::Archived(reason));
         s.timer = NO_TICK;
-        self.selector.remove(k);
+        self.sel_remove(k);
     }
 
     pub(crate) fn disable(&mut self, k: u32) {
@@ -1076,7 +1086,7 @@ impl Engine {
         }
         s.set_state(State::Disabled);
         s.timer = NO_TICK;
-        self.selector.remove(k);
+        self.sel_remove(k);
     }
 
     /// Puts a disabled key back (other states are left alone).
