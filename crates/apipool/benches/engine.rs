@@ -34,11 +34,15 @@ impl ApiKey for Key {
     fn create_client(&self) {}
 }
 
-fn pool(n: usize, strategy: Strategy, limited: bool) -> ApiKeyManager<Key> {
+/// `shards: None`: the store's default (one per core, at most 16).
+fn pool(n: usize, strategy: Strategy, limited: bool, shards: Option<usize>) -> ApiKeyManager<Key> {
     let mut b = ApiKeyManager::builder()
         .keys((0..n).map(|i| Key(format!("key-{i}"))))
         .strategy(strategy)
         .no_stats();
+    if let Some(s) = shards {
+        b = b.shards(s);
+    }
     if limited {
         // Generous enough never to block: measures the window bookkeeping, not waiting.
         b = b.rate_limit(RateLimit::per_second(1_000_000_000).unwrap());
@@ -64,12 +68,12 @@ fn acquire_report(c: &mut Criterion) {
             Strategy::LeastUsed,
             Strategy::Weighted,
         ] {
-            let p = pool(n, strategy, false);
+            let p = pool(n, strategy, false, None);
             g.bench_with_input(BenchmarkId::new(format!("{strategy}"), n), &p, |b, p| {
                 b.iter(|| op(p));
             });
         }
-        let p = pool(n, Strategy::RoundRobin, true);
+        let p = pool(n, Strategy::RoundRobin, true, None);
         g.bench_with_input(BenchmarkId::new("round_robin+rate_limit", n), &p, |b, p| {
             b.iter(|| op(p));
         });
@@ -80,28 +84,31 @@ fn acquire_report(c: &mut Criterion) {
 fn threads(c: &mut Criterion) {
     let mut g = c.benchmark_group("acquire_report_threads");
     g.measurement_time(Duration::from_secs(4));
-    for threads in [1usize, 2, 4] {
+    // "1 shard": one engine behind one lock (the store before sharding), for comparison.
+    for (label, shards, threads) in [
+        ("1 shard", Some(1), 1usize),
+        ("1 shard", Some(1), 2),
+        ("sharded", None, 1),
+        ("sharded", None, 2),
+        ("sharded", None, 4),
+    ] {
         g.throughput(Throughput::Elements(threads as u64));
-        let p = pool(10, Strategy::RoundRobin, false);
-        g.bench_with_input(
-            BenchmarkId::from_parameter(threads),
-            &threads,
-            |b, &threads| {
-                b.iter_custom(|iters| {
-                    let start = Instant::now();
-                    std::thread::scope(|s| {
-                        for _ in 0..threads {
-                            s.spawn(|| {
-                                for _ in 0..iters {
-                                    op(&p);
-                                }
-                            });
-                        }
-                    });
-                    start.elapsed()
+        let p = pool(10, Strategy::RoundRobin, false, shards);
+        g.bench_with_input(BenchmarkId::new(label, threads), &threads, |b, &threads| {
+            b.iter_custom(|iters| {
+                let start = Instant::now();
+                std::thread::scope(|s| {
+                    for _ in 0..threads {
+                        s.spawn(|| {
+                            for _ in 0..iters {
+                                op(&p);
+                            }
+                        });
+                    }
                 });
-            },
-        );
+                start.elapsed()
+            });
+        });
     }
     g.finish();
 }
@@ -116,7 +123,8 @@ fn measured_loop(p: &ApiKeyManager<Key>, iters: u64) {
     }
 }
 
-/// `ENGINE_COUNT=STRATEGY:KEYS:ITERS`: warm up, then run the measured loop once.
+/// `ENGINE_COUNT=STRATEGY:KEYS:ITERS`: warm up, then run the measured loop once
+/// (`ENGINE_SHARDS=N` sets the store's shard count; default: one per core).
 fn count_mode(spec: &str) {
     let mut parts = spec.split(':');
     let (Some(strategy), Some(keys), Some(iters), None) =
@@ -131,7 +139,10 @@ fn count_mode(spec: &str) {
     let strategy: Strategy = strategy.parse().expect("unknown strategy");
     let keys: usize = keys.parse().expect("KEYS must be a number");
     let iters: u64 = iters.parse().expect("ITERS must be a number");
-    let p = pool(keys, strategy, limited);
+    let shards = std::env::var("ENGINE_SHARDS")
+        .ok()
+        .map(|s| s.parse().expect("ENGINE_SHARDS must be a number"));
+    let p = pool(keys, strategy, limited, shards);
     for _ in 0..iters {
         op(&p);
     }

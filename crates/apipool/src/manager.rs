@@ -7,7 +7,7 @@ use crate::error::{CallError, Error};
 use crate::key::ApiKey;
 use crate::outcome::{Classifier, DefaultClassifier, Outcome};
 use crate::status::{CallEvent, CallStatus, StatsSink};
-use crate::store::{Grant, KeyChange, KeyStateStore, MemoryStore, Token};
+use crate::store::{Grant, KeyChange, KeyStateStore, MemoryStore, Payload, Token};
 use event_listener::{Event, EventListener, Listener};
 use parking_lot::RwLock;
 use std::collections::HashMap;
@@ -15,6 +15,7 @@ use std::fmt;
 use std::future::Future;
 use std::ops::Deref;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed, Ordering::SeqCst, fence};
 use std::time::{Duration, Instant, SystemTime};
 
 /// One key in the pool with its client. Handed to operations; derefs to the client.
@@ -119,6 +120,9 @@ pub(crate) struct Inner<K: ApiKey> {
     store: Box<dyn KeyStateStore>,
     keys: RwLock<Keys<K>>,
     released: Event,
+    /// Callers listening on `released`: a report notifies only when there is one (notifying
+    /// takes the event's list lock, a cache line every reporting thread would write).
+    waiters: AtomicUsize,
     clock: Arc<dyn Clock>,
     sink: Option<Arc<dyn StatsSink>>,
     #[cfg(feature = "sqlite")]
@@ -221,7 +225,12 @@ impl<K: ApiKey> Lease<K> {
         let inner = &self.inner;
         let now = inner.clock.now();
         inner.store.report(token, outcome, now);
-        inner.released.notify(1);
+        // Pairs with the fence in `Waiter::new`: either the waiter's re-check sees this release
+        // or this sees the waiter.
+        fence(SeqCst);
+        if inner.waiters.load(Relaxed) > 0 {
+            inner.released.notify(1);
+        }
         if let Some(sink) = &inner.sink {
             sink.record(CallEvent {
                 key_identifier: self.entry.id.clone(),
@@ -239,6 +248,23 @@ impl<K: ApiKey> Lease<K> {
 impl<K: ApiKey> Drop for Lease<K> {
     fn drop(&mut self) {
         self.finish(None);
+    }
+}
+
+/// Counts one caller among a pool's waiters while it lives.
+struct Waiter<'a>(&'a AtomicUsize);
+
+impl<'a> Waiter<'a> {
+    fn new(waiters: &'a AtomicUsize) -> Self {
+        waiters.fetch_add(1, SeqCst);
+        fence(SeqCst);
+        Self(waiters)
+    }
+}
+
+impl Drop for Waiter<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, SeqCst);
     }
 }
 
@@ -399,8 +425,9 @@ impl<K: ApiKey> ApiKeyManager<K> {
         if st.entries.len() <= slot {
             st.entries.resize_with(slot + 1, || None);
         }
-        st.entries[slot] = Some(entry);
+        st.entries[slot] = Some(entry.clone());
         st.by_pk.insert(pk, idx);
+        self.inner.store.attach(idx, Payload(entry));
         drop(st);
         self.inner.released.notify(usize::MAX);
         Ok(())
@@ -556,10 +583,13 @@ impl<K: ApiKey> ApiKeyManager<K> {
 
     fn acquire_avoiding(&self, avoid: &[u32], deadline: Instant) -> Result<Lease<K>, Error> {
         loop {
-            let listener = match self.step(avoid, Some(deadline)) {
+            let (_waiter, listener) = match self.step(avoid, Some(deadline)) {
                 Step::Ready(lease) => return Ok(lease),
                 Step::Fail(e) => return Err(e),
-                Step::Wait(_) => self.inner.released.listen(),
+                Step::Wait(_) => (
+                    Waiter::new(&self.inner.waiters),
+                    self.inner.released.listen(),
+                ),
             };
             // Re-check after listening so a release between the two is not missed.
             match self.step(avoid, Some(deadline)) {
@@ -574,11 +604,15 @@ impl<K: ApiKey> ApiKeyManager<K> {
 
     async fn aacquire_avoiding(&self, avoid: &[u32], deadline: Instant) -> Result<Lease<K>, Error> {
         loop {
-            let listener: EventListener = match self.step(avoid, Some(deadline)) {
-                Step::Ready(lease) => return Ok(lease),
-                Step::Fail(e) => return Err(e),
-                Step::Wait(_) => self.inner.released.listen(),
-            };
+            let (_waiter, listener): (Waiter<'_>, EventListener) =
+                match self.step(avoid, Some(deadline)) {
+                    Step::Ready(lease) => return Ok(lease),
+                    Step::Fail(e) => return Err(e),
+                    Step::Wait(_) => (
+                        Waiter::new(&self.inner.waiters),
+                        self.inner.released.listen(),
+                    ),
+                };
             match self.step(avoid, Some(deadline)) {
                 Step::Ready(lease) => return Ok(lease),
                 Step::Fail(e) => return Err(e),
@@ -598,43 +632,35 @@ impl<K: ApiKey> ApiKeyManager<K> {
     /// One acquire attempt. `deadline: None` means "do not wait".
     fn step(&self, avoid: &[u32], deadline: Option<Instant>) -> Step<K> {
         let now = self.inner.clock.now();
-        match self.inner.store.acquire(now, avoid) {
-            Grant::Granted(token) => {
-                let entry = self
-                    .inner
-                    .keys
-                    .read()
-                    .entries
-                    .get(token.idx as usize)
-                    .cloned()
-                    .flatten();
-                let Some(entry) = entry else {
-                    // Removed between the grant and now: hand the lease back and try again.
-                    self.inner.store.report(token, None, now);
-                    return self.step(avoid, deadline);
-                };
-                Step::Ready(Lease {
-                    inner: self.inner.clone(),
-                    entry,
-                    token: Some(token),
-                    started: now,
-                    label: None,
-                })
-            }
-            Grant::NoUsableKeys => Step::Fail(Error::NoUsableKeys),
+        let (token, entry) = match self.inner.store.acquire(now, avoid) {
+            Grant::GrantedWith(token, entry) => (token, entry.0.downcast::<KeyClient<K>>().ok()),
+            Grant::Granted(token) => (token, None),
+            Grant::NoUsableKeys => return Step::Fail(Error::NoUsableKeys),
             #[cfg(feature = "redis")]
-            Grant::Unavailable(e) => Step::Fail(e),
-            Grant::Wait { until, recheck } => match deadline {
-                Some(deadline) if until.is_none_or(|t| t <= deadline) && now < deadline => {
-                    let wake = until.map_or(deadline, |t| t.min(deadline));
-                    Step::Wait(recheck.map_or(wake, |r| r.min(wake)))
-                }
-                _ => Step::Fail(Error::PoolExhausted {
-                    retry_at: until,
-                    retry_after: until.map(|t| t.saturating_duration_since(now)),
-                }),
-            },
-        }
+            Grant::Unavailable(e) => return Step::Fail(e),
+            Grant::Wait { until, recheck } => return wait_step(until, recheck, now, deadline),
+        };
+        let entry = entry.or_else(|| {
+            self.inner
+                .keys
+                .read()
+                .entries
+                .get(token.idx as usize)
+                .cloned()
+                .flatten()
+        });
+        let Some(entry) = entry else {
+            // Removed between the grant and now: hand the lease back and try again.
+            self.inner.store.report(token, None, now);
+            return self.step(avoid, deadline);
+        };
+        Step::Ready(Lease {
+            inner: self.inner.clone(),
+            entry,
+            token: Some(token),
+            started: now,
+            label: None,
+        })
     }
 
     /// Runs `op` with a key's client, classifying `Err` as a failure (see [`Self::call_with`]).
@@ -809,6 +835,25 @@ impl<K: ApiKey> ApiKeyManager<K> {
             }
         }
         archived
+    }
+}
+
+/// What "nothing free before `until`" means for one acquire attempt (`deadline: None`: do not wait).
+fn wait_step<K: ApiKey>(
+    until: Option<Instant>,
+    recheck: Option<Instant>,
+    now: Instant,
+    deadline: Option<Instant>,
+) -> Step<K> {
+    match deadline {
+        Some(deadline) if until.is_none_or(|t| t <= deadline) && now < deadline => {
+            let wake = until.map_or(deadline, |t| t.min(deadline));
+            Step::Wait(recheck.map_or(wake, |r| r.min(wake)))
+        }
+        _ => Step::Fail(Error::PoolExhausted {
+            retry_at: until,
+            retry_after: until.map(|t| t.saturating_duration_since(now)),
+        }),
     }
 }
 
@@ -1164,6 +1209,7 @@ impl<K: ApiKey> ApiKeyManagerBuilder<K> {
                     by_pk: HashMap::new(),
                 }),
                 released: Event::new(),
+                waiters: AtomicUsize::new(0),
                 clock: self.clock,
                 sink,
                 #[cfg(feature = "sqlite")]

@@ -12,7 +12,8 @@ use crate::config::{RateLimit, Strategy};
 use crate::engine::{Acquire, ArchiveReason, Engine, KeyReport, LeaseToken, Settings};
 use crate::error::Error;
 use crate::outcome::Outcome;
-use parking_lot::{Mutex, MutexGuard};
+use parking_lot::{MappedMutexGuard, Mutex, MutexGuard};
+use std::any::Any;
 use std::cell::Cell;
 use std::collections::HashMap;
 use std::fmt;
@@ -56,10 +57,32 @@ impl Token {
     }
 }
 
+/// What the pool attached to a key's slot (its key and client), handed back with each grant so
+/// the pool need not look the slot up in a table of its own (a lock every caller takes, and a
+/// cache miss in a large pool).
+#[derive(Clone)]
+pub(crate) struct Payload(pub(crate) Arc<dyn Any + Send + Sync>);
+
+impl fmt::Debug for Payload {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Payload")
+    }
+}
+
+impl PartialEq for Payload {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::as_ptr(&self.0).cast::<()>() == Arc::as_ptr(&other.0).cast::<()>()
+    }
+}
+
+impl Eq for Payload {}
+
 /// A store's answer to "give me a key".
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Grant {
     Granted(Token),
+    /// Granted, with what the pool attached to the key ([`KeyStateStore::attach`]).
+    GrantedWith(Token, Payload),
     /// Nothing is free now. `until`: the earliest moment a key frees up by time; `None`: only a
     /// finishing call can free one. Either way a release may come first. `recheck`: when to ask
     /// again at the latest, for what the store cannot announce (a shared store's other processes).
@@ -80,6 +103,9 @@ pub(crate) trait KeyStateStore: Send + Sync + fmt::Debug + 'static {
     fn add_key(&self, id: Arc<str>, weight: u32, scope: Option<&str>, now: Instant) -> u32;
     /// Removes a key; leases still out on it are ignored when reported.
     fn remove_key(&self, slot: u32);
+    /// Attaches the pool's entry to a key's slot, to come back with its grants (a store may
+    /// ignore it: the pool then finds the entry by slot).
+    fn attach(&self, _slot: u32, _entry: Payload) {}
     /// Grants a lease, or says how long to wait, or that no key can become free.
     fn acquire(&self, now: Instant, avoid: &[u32]) -> Grant;
     /// Takes a lease back with its outcome (`None`: dropped without one).
@@ -134,7 +160,24 @@ fn global_slot(local: u32, shard: usize, shards: usize) -> u32 {
 /// One engine with its lock, on cache lines of its own (two: adjacent-line prefetch).
 #[repr(align(128))]
 struct Shard {
-    engine: Mutex<Engine>,
+    state: Mutex<Local>,
+}
+
+/// A shard's engine and the entries attached to its keys, by local slot.
+struct Local {
+    engine: Engine,
+    entries: Vec<Option<Payload>>,
+}
+
+impl Local {
+    /// A grant of local lease `t`, with the entry attached to its key.
+    fn grant(&self, t: LeaseToken, shard: usize, shards: usize) -> Grant {
+        let token = Token::local(t, shard, shards);
+        match self.entries.get(t.idx as usize) {
+            Some(Some(p)) => Grant::GrantedWith(token, p.clone()),
+            _ => Grant::Granted(token),
+        }
+    }
 }
 
 /// What a shard holds, published for lock-free shard choice (written under the shard's lock on
@@ -267,12 +310,15 @@ impl MemoryStore {
         let n = shards.clamp(1, MAX_SHARDS);
         let shards: Box<[Shard]> = (0..n as u64)
             .map(|i| Shard {
-                engine: Mutex::new(Engine::new(
-                    settings.clone(),
-                    strategy,
-                    seed.map(|s| s ^ i.wrapping_mul(0x9E37_79B9_7F4A_7C15)),
-                    origin,
-                )),
+                state: Mutex::new(Local {
+                    engine: Engine::new(
+                        settings.clone(),
+                        strategy,
+                        seed.map(|s| s ^ i.wrapping_mul(0x9E37_79B9_7F4A_7C15)),
+                        origin,
+                    ),
+                    entries: Vec::new(),
+                }),
             })
             .collect();
         Self {
@@ -297,8 +343,8 @@ impl MemoryStore {
         ((slot % n) as usize, slot / n)
     }
 
-    fn lock(&self, shard: usize) -> MutexGuard<'_, Engine> {
-        self.shards[shard].engine.lock()
+    fn lock(&self, shard: usize) -> MappedMutexGuard<'_, Engine> {
+        MutexGuard::map(self.shards[shard].state.lock(), |l| &mut l.engine)
     }
 
     /// Publishes a shard's key count and total weight (called under its lock).
@@ -361,12 +407,12 @@ impl MemoryStore {
             if self.census[shard].keys.load(Relaxed) == 0 {
                 continue;
             }
-            let Some(mut e) = self.shards[shard].engine.try_lock() else {
+            let Some(mut l) = self.shards[shard].state.try_lock() else {
                 contended |= 1 << shard;
                 continue;
             };
-            match ask(shard, &mut e) {
-                Acquire::Granted(t) => return Grant::Granted(Token::local(t, shard, n)),
+            match ask(shard, &mut l.engine) {
+                Acquire::Granted(t) => return l.grant(t, shard, n),
                 refused => refusals.add(refused),
             }
         }
@@ -379,8 +425,9 @@ impl MemoryStore {
             if contended & (1 << shard) == 0 {
                 continue;
             }
-            match ask(shard, &mut self.lock(shard)) {
-                Acquire::Granted(t) => return Grant::Granted(Token::local(t, shard, n)),
+            let mut l = self.shards[shard].state.lock();
+            match ask(shard, &mut l.engine) {
+                Acquire::Granted(t) => return l.grant(t, shard, n),
                 refused => refusals.add(refused),
             }
         }
@@ -389,7 +436,7 @@ impl MemoryStore {
 
     fn each(&self, mut f: impl FnMut(usize, &mut Engine)) {
         for (i, s) in self.shards.iter().enumerate() {
-            f(i, &mut s.engine.lock());
+            f(i, &mut s.state.lock().engine);
         }
     }
 }
@@ -416,18 +463,32 @@ impl KeyStateStore for MemoryStore {
 
     fn remove_key(&self, slot: u32) {
         let (shard, local) = self.locate(slot);
-        let mut e = self.lock(shard);
-        let before = e.len();
-        e.remove_key(local);
-        self.census_of(shard, &e);
-        self.keys.fetch_sub(before - e.len(), Relaxed);
+        let mut l = self.shards[shard].state.lock();
+        let before = l.engine.len();
+        l.engine.remove_key(local);
+        if let Some(p) = l.entries.get_mut(local as usize) {
+            *p = None;
+        }
+        self.census_of(shard, &l.engine);
+        self.keys.fetch_sub(before - l.engine.len(), Relaxed);
+    }
+
+    fn attach(&self, slot: u32, entry: Payload) {
+        let (shard, local) = self.locate(slot);
+        let mut l = self.shards[shard].state.lock();
+        let i = local as usize;
+        if l.entries.len() <= i {
+            l.entries.resize(i + 1, None);
+        }
+        l.entries[i] = Some(entry);
     }
 
     fn acquire(&self, now: Instant, avoid: &[u32]) -> Grant {
         let n = self.shards.len();
         if n == 1 {
-            return match self.lock(0).acquire(now, avoid) {
-                Acquire::Granted(t) => Grant::Granted(Token::local(t, 0, 1)),
+            let mut l = self.shards[0].state.lock();
+            return match l.engine.acquire(now, avoid) {
+                Acquire::Granted(t) => l.grant(t, 0, 1),
                 refused => {
                     let mut r = Refusals::default();
                     r.add(refused);
@@ -448,7 +509,7 @@ impl KeyStateStore for MemoryStore {
                 }));
                 e.acquire_with(now, &local, false)
             });
-            if let Grant::Granted(_) = strict {
+            if let Grant::Granted(_) | Grant::GrantedWith(..) = strict {
                 return strict;
             }
         }
