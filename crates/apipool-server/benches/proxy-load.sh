@@ -10,6 +10,12 @@
 # distribution), then "added" = proxy − direct at the same connection count, the throughput
 # ratio, and VmRSS / VmHWM of the server while 1,000 connections are open.
 #
+# REFERENCE=1 also runs two reference proxies against the same upstream in the same run, to
+# tell apipool's own cost from what any proxy costs on the machine: a bare hyper proxy
+# (benches/reference-proxy, built offline from the registry cache; fixed key, no selection,
+# limits, stats or auth) and nginx (when installed: apt-get install -y nginx-light; one worker,
+# upstream keep-alive). Their lines read like the proxy's, with their own CPU per request.
+#
 # Or:       crates/apipool-server/benches/proxy-load.sh clients N SECONDS [SAMPLE_SECS]
 # Needs: curl, jq (no wrk).
 #
@@ -78,11 +84,11 @@ to_ms() {
 }
 # CPU time (user + system) a process has used so far, in microseconds.
 cpu_us() { awk -v hz="$(getconf CLK_TCK)" '{ printf "%d", ($14 + $15) * 1000000 / hz }' "/proc/$1/stat"; }
-run() { # name connections url auth-header
-  local out m0 s0 m1 s1
-  m0=$(cpu_us "$MPID"); s0=$(cpu_us "$SPID")
+run() { # name connections url auth-header [pid of the proxy, default apipool]
+  local out m0 s0 m1 s1 ppid=${5:-$SPID}
+  m0=$(cpu_us "$MPID"); s0=$(cpu_us "$ppid")
   out=$(wrk -t1 -c"$2" -d"${DUR}s" --latency -H "$4" "$3")
-  m1=$(cpu_us "$MPID"); s1=$(cpu_us "$SPID")
+  m1=$(cpu_us "$MPID"); s1=$(cpu_us "$ppid")
   local rps p50 p99 total
   rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
   total=$(awk '/requests in/ {print $1}' <<<"$out")
@@ -92,8 +98,53 @@ run() { # name connections url auth-header
   errs=$(awk '/Non-2xx|Socket errors/ {print}' <<<"$out" | tr '\n' ' ')
   # CPU microseconds per request spent by the upstream and by apipool: unlike requests/s,
   # these barely depend on what else the machine is doing.
-  echo "$1 c=$2 rps=$rps p50_ms=$p50 p99_ms=$p99 upstream_cpu_us=$(( (m1 - m0) / total )) apipool_cpu_us=$(( (s1 - s0) / total )) ${errs}"
+  echo "$1 c=$2 rps=$rps p50_ms=$p50 p99_ms=$p99 upstream_cpu_us=$(( (m1 - m0) / total )) $([[ $ppid == "$SPID" ]] && echo apipool || echo proxy)_cpu_us=$(( (s1 - s0) / total )) ${errs}"
 }
+
+ratio() { # direct-line other-line
+  awk -v d="$1" -v p="$2" 'BEGIN { split(d, a, /[ =]/); split(p, b, /[ =]/);
+    printf "%s c=%s throughput_ratio=%.3f\n", b[1], a[3], b[5]/a[5] }'
+}
+
+if [[ -n "${REFERENCE:-}" ]]; then
+  REF_DIR="$ROOT/crates/apipool-server/benches/reference-proxy"
+  CARGO_TARGET_DIR="$ROOT/target/reference-proxy" cargo build --release --offline --quiet \
+    --manifest-path "$REF_DIR/Cargo.toml" >&2
+  "$ROOT/target/reference-proxy/release/reference-proxy" "${MOCK#http://}" 127.0.0.1:0 load-key-00 >"$TMP/ref.out" &
+  RPID=$!
+  PIDS+=("$RPID")
+  for _ in $(seq 100); do grep -q listening "$TMP/ref.out" 2>/dev/null && break; sleep 0.05; done
+  REF_URL="$(sed -n 's/^listening on //p' "$TMP/ref.out")/price?id=bitcoin"
+  if command -v nginx >/dev/null; then
+    NPORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+    cat >"$TMP/nginx.conf" <<NGINX
+worker_processes 1;
+daemon off;
+pid $TMP/nginx.pid;
+error_log $TMP/nginx.err warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  upstream mock { server ${MOCK#http://}; keepalive 256; }
+  server {
+    listen 127.0.0.1:$NPORT;
+    location / {
+      proxy_pass http://mock;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Authorization "Bearer load-key-00";
+    }
+  }
+}
+NGINX
+    nginx -c "$TMP/nginx.conf" -p "$TMP" &
+    PIDS+=("$!")
+    for _ in $(seq 100); do [[ -s $TMP/nginx.pid ]] && break; sleep 0.05; done
+    sleep 0.2
+    NGINX_WORKER=$(pgrep -P "$(cat "$TMP/nginx.pid")" | head -1)
+    NGINX_URL="http://127.0.0.1:$NPORT/price?id=bitcoin"
+  fi
+fi
 
 echo "# $(date -u +%FT%TZ) $(nproc) cores, ${DUR}s per run, wrk -t1"
 for c in 1 8 32 64; do
@@ -105,6 +156,16 @@ for c in 1 8 32 64; do
     split(d, a, /[ =]/); split(p, b, /[ =]/);
     # fields: name c N rps R p50_ms X p99_ms Y
     printf "added c=%s p50_ms=%.3f p99_ms=%.3f throughput_ratio=%.3f\n", a[3], b[7]-a[7], b[9]-a[9], b[5]/a[5] }'
+  if [[ -n "${REFERENCE:-}" ]]; then
+    r=$(run bare-hyper "$c" "$REF_URL" "x-bench: 1" "$RPID")
+    echo "$r"
+    ratio "$d" "$r"
+    if [[ -n "${NGINX_URL:-}" ]]; then
+      r=$(run nginx "$c" "$NGINX_URL" "x-bench: 1" "$NGINX_WORKER")
+      echo "$r"
+      ratio "$d" "$r"
+    fi
+  fi
 done
 
 # RSS with 1,000 concurrent connections (two wrk threads, 500 each).
