@@ -84,16 +84,40 @@ fn acquire_report(c: &mut Criterion) {
 fn threads(c: &mut Criterion) {
     let mut g = c.benchmark_group("acquire_report_threads");
     g.measurement_time(Duration::from_secs(4));
-    // "1 shard": one engine behind one lock (the store before sharding), for comparison.
+    // "1 shard": one engine behind one lock (the store before sharding), for comparison;
+    // "pool per thread": what two threads that share nothing reach on this machine.
     for (label, shards, threads) in [
         ("1 shard", Some(1), 1usize),
         ("1 shard", Some(1), 2),
         ("sharded", None, 1),
         ("sharded", None, 2),
         ("sharded", None, 4),
+        ("pool per thread", Some(1), 2),
     ] {
         g.throughput(Throughput::Elements(threads as u64));
         let p = pool(10, Strategy::RoundRobin, false, shards);
+        if label == "pool per thread" {
+            // The machine's own ceiling: threads that share nothing (a 10-key pool each).
+            let pools: Vec<_> = (0..threads)
+                .map(|_| pool(10, Strategy::RoundRobin, false, Some(1)))
+                .collect();
+            g.bench_with_input(BenchmarkId::new(label, threads), &pools, |b, pools| {
+                b.iter_custom(|iters| {
+                    let start = Instant::now();
+                    std::thread::scope(|s| {
+                        for p in pools {
+                            s.spawn(move || {
+                                for _ in 0..iters {
+                                    op(p);
+                                }
+                            });
+                        }
+                    });
+                    start.elapsed()
+                });
+            });
+            continue;
+        }
         g.bench_with_input(BenchmarkId::new(label, threads), &threads, |b, &threads| {
             b.iter_custom(|iters| {
                 let start = Instant::now();

@@ -116,6 +116,10 @@ struct Keys<K: ApiKey> {
     by_pk: HashMap<String, u32>,
 }
 
+/// The pool's shared state. Aligned so that the `Arc`'s reference counts (every lease clones it)
+/// sit on cache lines of their own, apart from the fields every call reads: another thread's
+/// lease does not evict them.
+#[repr(align(128))]
 pub(crate) struct Inner<K: ApiKey> {
     store: Box<dyn KeyStateStore>,
     keys: RwLock<Keys<K>>,
@@ -150,12 +154,30 @@ pub(crate) struct Inner<K: ApiKey> {
 /// ```
 pub struct ApiKeyManager<K: ApiKey> {
     inner: Arc<Inner<K>>,
+    /// What leases hold to keep the pool alive: one of [`HANDLES`], picked by thread, so threads
+    /// taking leases at once do not all write one reference count.
+    handles: Arc<[Arc<Handle<K>>]>,
+}
+
+/// Lease handles per pool (threads beyond this share them).
+const HANDLES: usize = 16;
+
+/// A lease's hold on its pool, on cache lines of its own.
+#[repr(align(128))]
+struct Handle<K: ApiKey>(Arc<Inner<K>>);
+
+static NEXT_THREAD: AtomicUsize = AtomicUsize::new(0);
+
+thread_local! {
+    /// This thread's number, for picking a lease handle.
+    static THREAD_NO: usize = NEXT_THREAD.fetch_add(1, Relaxed);
 }
 
 impl<K: ApiKey> Clone for ApiKeyManager<K> {
     fn clone(&self) -> Self {
         Self {
             inner: self.inner.clone(),
+            handles: self.handles.clone(),
         }
     }
 }
@@ -172,7 +194,7 @@ impl<K: ApiKey> fmt::Debug for ApiKeyManager<K> {
 /// A key lent to one call. Report the call's [`Outcome`] with [`Lease::report`]; a lease dropped
 /// without a report frees its slot and is recorded as cancelled (RAII, like tower's permits).
 pub struct Lease<K: ApiKey> {
-    inner: Arc<Inner<K>>,
+    handle: Arc<Handle<K>>,
     entry: Arc<KeyClient<K>>,
     token: Option<Token>,
     started: Instant,
@@ -222,7 +244,7 @@ impl<K: ApiKey> Lease<K> {
         let Some(token) = self.token.take() else {
             return;
         };
-        let inner = &self.inner;
+        let inner = &self.handle.0;
         let now = inner.clock.now();
         inner.store.report(token, outcome, now);
         // Pairs with the fence in `Waiter::new`: either the waiter's re-check sees this release
@@ -654,8 +676,9 @@ impl<K: ApiKey> ApiKeyManager<K> {
             self.inner.store.report(token, None, now);
             return self.step(avoid, deadline);
         };
+        let handle = THREAD_NO.with(|&t| self.handles[t % self.handles.len()].clone());
         Step::Ready(Lease {
-            inner: self.inner.clone(),
+            handle,
             entry,
             token: Some(token),
             started: now,
@@ -1201,22 +1224,26 @@ impl<K: ApiKey> ApiKeyManagerBuilder<K> {
             Sink::Custom(s) => Some(s),
             Sink::None | Sink::Default => None,
         };
-        let pool = ApiKeyManager {
-            inner: Arc::new(Inner {
-                store,
-                keys: RwLock::new(Keys {
-                    entries: Vec::new(),
-                    by_pk: HashMap::new(),
-                }),
-                released: Event::new(),
-                waiters: AtomicUsize::new(0),
-                clock: self.clock,
-                sink,
-                #[cfg(feature = "sqlite")]
-                collector,
-                name: self.name,
-                calls: RwLock::new(calls),
+        let inner = Arc::new(Inner {
+            store,
+            keys: RwLock::new(Keys {
+                entries: Vec::new(),
+                by_pk: HashMap::new(),
             }),
+            released: Event::new(),
+            waiters: AtomicUsize::new(0),
+            clock: self.clock,
+            sink,
+            #[cfg(feature = "sqlite")]
+            collector,
+            name: self.name,
+            calls: RwLock::new(calls),
+        });
+        let pool = ApiKeyManager {
+            handles: (0..HANDLES)
+                .map(|_| Arc::new(Handle(inner.clone())))
+                .collect(),
+            inner,
         };
         for key in self.keys {
             pool.add_one(key)?;

@@ -251,7 +251,15 @@ fn strategy_code(s: Strategy) -> u8 {
 thread_local! {
     /// The shard-choice random state of this thread (no cache line shared between threads).
     static SHARD_RNG: Cell<u64> = Cell::new(rand::random::<u64>());
+    /// This thread's shard while it meets contention: (store address, shard, picks left).
+    static STICKY: Cell<(usize, usize, u32)> = const { Cell::new((0, 0, 0)) };
 }
+
+/// Picks a thread makes on the shard it moved to after finding its start shard taken, before it
+/// follows the strategy's shard choice again. Threads that keep colliding so settle on shards of
+/// their own instead of all moving every key's cache lines between cores on every call; a thread
+/// that meets no contention always follows the strategy (exact round-robin order).
+const STICKY_RUN: u32 = 64;
 
 /// A uniform draw in `0..n` (`n > 0`) from this thread's generator (splitmix64, multiply-shift).
 fn draw_below(n: u64) -> u64 {
@@ -398,6 +406,7 @@ impl MemoryStore {
         let n = self.shards.len();
         let mut refusals = Refusals::default();
         let mut contended = 0u32;
+        let me = std::ptr::from_ref(self).addr();
         for i in 0..n {
             let shard = if start + i < n {
                 start + i
@@ -412,7 +421,12 @@ impl MemoryStore {
                 continue;
             };
             match ask(shard, &mut l.engine) {
-                Acquire::Granted(t) => return l.grant(t, shard, n),
+                Acquire::Granted(t) => {
+                    if contended & (1 << start) != 0 {
+                        STICKY.set((me, shard, STICKY_RUN));
+                    }
+                    return l.grant(t, shard, n);
+                }
                 refused => refusals.add(refused),
             }
         }
@@ -495,6 +509,18 @@ impl KeyStateStore for MemoryStore {
                     r.grant()
                 }
             };
+        }
+        if avoid.is_empty() {
+            let me = std::ptr::from_ref(self).addr();
+            let (owner, shard, left) = STICKY.get();
+            if owner == me && left > 0 && shard < n {
+                STICKY.set((me, shard, left - 1));
+                if let Some(mut l) = self.shards[shard].state.try_lock()
+                    && let Acquire::Granted(t) = l.engine.acquire(now, &[])
+                {
+                    return l.grant(t, shard, n);
+                }
+            }
         }
         let start = self.start_shard();
         if !avoid.is_empty() {
@@ -911,6 +937,27 @@ mod tests {
             assert!(calls > 10_000, "{strategy:?}: {calls}");
             assert_eq!(s.available_count(t0), 8);
         }
+    }
+
+    #[test]
+    fn a_thread_that_meets_contention_stays_on_its_shard_for_a_run_then_follows_the_order() {
+        let (s, t0) = store(2, Strategy::RoundRobin, Settings::default(), &plain(6));
+        assert_eq!(one_at(&s, t0, &[]), 0);
+        // Shard 1 (next in turn) is taken by another thread: this one moves to shard 0 and
+        // stays there for its run.
+        let taken = s.shards[1].state.lock();
+        assert_eq!(s.locate(one_at(&s, t0, &[])).0, 0);
+        drop(taken);
+        for _ in 0..STICKY_RUN {
+            assert_eq!(s.locate(one_at(&s, t0, &[])).0, 0);
+        }
+        // Then the round-robin turn again: shards alternate.
+        let shards: Vec<usize> = (0..6).map(|_| s.locate(one_at(&s, t0, &[])).0).collect();
+        assert!(shards.windows(2).all(|w| w[0] != w[1]), "{shards:?}");
+        // Another store on the same thread is not affected by this one's run.
+        let (other, t1) = store(2, Strategy::RoundRobin, Settings::default(), &plain(4));
+        let order: Vec<u32> = (0..4).map(|_| one_at(&other, t1, &[])).collect();
+        assert_eq!(order, vec![0, 1, 2, 3]);
     }
 
     #[test]
