@@ -12,10 +12,12 @@
 //!   placement): its whole output, the SQLite files and `/metrics` contain no raw key, password or
 //!   token.
 
-use std::fs::File;
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+
+use common::{Serve, Server, run};
 
 use serde_json::{Value, json};
 
@@ -24,77 +26,14 @@ const ADMIN: &str = "admin";
 const PASSWORD: &str = "attacker-admin-password-1";
 const USER_PASSWORD: &str = "attacker-user-password-1";
 
-fn run(cmd: &mut Command) -> Output {
-    cmd.output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e} (is python3 installed?)"))
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
-
-/// The real server binary, its output going to `log`; killed on drop.
-struct Server {
-    child: Child,
-    url: String,
-    dir: tempfile::TempDir,
-    log: PathBuf,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 async fn start_server(rust_log: &str) -> Server {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let port = free_port();
-    let log = dir.path().join("server.log");
-    let out = File::create(&log).expect("log file");
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_apipool"));
-    for (k, _) in std::env::vars() {
-        if k.starts_with("APIPOOL_") || k == "RUST_LOG" {
-            cmd.env_remove(k);
-        }
-    }
-    let child = cmd
-        .args(["serve", "--bind", &format!("127.0.0.1:{port}")])
-        .arg("--data-dir")
-        .arg(dir.path().join("data"))
-        .env("APIPOOL_ADMIN_USERNAME", ADMIN)
-        .env("APIPOOL_ADMIN_PASSWORD", PASSWORD)
+    let spec = Serve::new()
+        .admin(ADMIN, PASSWORD)
         .env("RUST_LOG", rust_log)
-        .stdout(Stdio::from(out.try_clone().expect("log handle")))
-        .stderr(Stdio::from(out))
-        .spawn()
-        .expect("spawn apipool serve");
-    let server = Server {
-        child,
-        url: format!("http://127.0.0.1:{port}"),
-        dir,
-        log,
-    };
-    let client = reqwest::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Ok(r) = client.get(format!("{}/health", server.url)).send().await
-            && r.status().is_success()
-        {
-            return server;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "apipool serve did not become healthy:\n{}",
-            std::fs::read_to_string(&server.log).unwrap_or_default()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        .log_to_file();
+    tokio::task::spawn_blocking(move || spec.spawn())
+        .await
+        .expect("server start")
 }
 
 /// A small API client for set-up steps (each must succeed).
@@ -107,7 +46,7 @@ impl Api {
     fn new(server: &Server) -> Self {
         Self {
             client: reqwest::Client::new(),
-            base: format!("{}/api/v1", server.url),
+            base: format!("{}/api/v1", server.url()),
         }
     }
 
@@ -283,8 +222,8 @@ async fn schemathesis_finds_no_server_errors_or_schema_violations() {
         ),
     ] {
         let st = st.clone();
-        let url = server.url.clone();
-        let work = server.dir.path().to_owned();
+        let url = server.url();
+        let work = server.dir().to_owned();
         let extra: Vec<String> = extra.iter().map(|s| (*s).to_owned()).collect();
         let (ok, report) = tokio::task::spawn_blocking(move || {
             let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
@@ -292,7 +231,7 @@ async fn schemathesis_finds_no_server_errors_or_schema_violations() {
         })
         .await
         .expect("st run");
-        let log = std::fs::read_to_string(&server.log).unwrap_or_default();
+        let log = server.log();
         assert!(
             ok,
             "schemathesis (as {who}) found problems:\n{report}\n--- server log\n{log}"
@@ -464,7 +403,7 @@ async fn trace_logs_db_files_and_metrics_hold_no_secrets() {
     assert_eq!(r.status(), 401);
     secrets.push("wrong-password-canary-77".to_owned());
 
-    let metrics = reqwest::get(format!("{}/metrics", server.url))
+    let metrics = reqwest::get(format!("{}/metrics", server.url()))
         .await
         .expect("metrics")
         .text()
@@ -479,9 +418,8 @@ async fn trace_logs_db_files_and_metrics_hold_no_secrets() {
     // Stop the server (flushes its output), then read everything it wrote.
     drop(api);
     let mut server = server;
-    let _ = server.child.kill();
-    let _ = server.child.wait();
-    let log = std::fs::read(&server.log).expect("server log");
+    server.stop();
+    let log = std::fs::read(server.log_path()).expect("server log");
     assert!(
         contains(&log, "TRACE") && log.len() > 10_000,
         "the server logged at trace level ({} bytes)",
@@ -496,7 +434,7 @@ async fn trace_logs_db_files_and_metrics_hold_no_secrets() {
         assert!(!metrics.contains(s.as_str()), "/metrics contains a secret");
     }
     let mut db_files = 0;
-    for entry in std::fs::read_dir(server.dir.path().join("data")).expect("data dir") {
+    for entry in std::fs::read_dir(server.data()).expect("data dir") {
         let path = entry.expect("entry").path();
         let bytes = std::fs::read(&path).expect("read");
         let name = path

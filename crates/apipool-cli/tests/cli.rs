@@ -1,29 +1,12 @@
 //! The `apipool` binary: zero set-up `serve`, graceful SIGTERM, `vault rotate-master-key`.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use assert_cmd::cargo::cargo_bin;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
-
-fn apipool() -> Command {
-    let mut c = Command::new(cargo_bin("apipool"));
-    // A clean environment for the variables the binary reads.
-    for (k, _) in std::env::vars() {
-        if k.starts_with("APIPOOL_") {
-            c.env_remove(k);
-        }
-    }
-    c
-}
+use common::{apipool, free_port};
 
 struct Server {
     child: Child,

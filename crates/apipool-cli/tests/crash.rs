@@ -11,71 +11,28 @@
 //! Run: `cargo nextest run --workspace -E 'binary(crash)'` (PostgreSQL via `psql` at
 //! APIPOOL_TEST_POSTGRES_URL, default postgres://postgres@127.0.0.1:5432/test).
 
-use std::process::{Child, Command, Stdio};
+mod common;
+
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use common::{Serve, Server};
 use serde_json::{Value, json};
 
 const PASSWORD: &str = "crash-admin-password";
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
-
-/// A running `apipool serve`; killed (SIGKILL) when dropped.
-struct Server {
-    child: Child,
-    base: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 async fn serve(data_dir: &std::path::Path, database_url: Option<&str>) -> Server {
-    let port = free_port();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_apipool"));
-    for (k, _) in std::env::vars() {
-        if k.starts_with("APIPOOL_") {
-            cmd.env_remove(k);
-        }
-    }
-    cmd.args(["serve", "--bind", &format!("127.0.0.1:{port}")])
-        .arg("--data-dir")
-        .arg(data_dir)
-        .env("APIPOOL_ADMIN_PASSWORD", PASSWORD)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
+    let mut spec = Serve::new()
+        .data_dir(data_dir)
+        .env("APIPOOL_ADMIN_PASSWORD", PASSWORD);
     if let Some(url) = database_url {
-        cmd.args(["--database-url", url]);
+        spec = spec.args(["--database-url", url]);
     }
-    let child = cmd.spawn().expect("apipool serve starts");
-    let server = Server {
-        child,
-        base: format!("http://127.0.0.1:{port}"),
-    };
-    let client = reqwest::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while client
-        .get(format!("{}/health", server.base))
-        .send()
+    tokio::task::spawn_blocking(move || spec.spawn())
         .await
-        .is_err()
-    {
-        assert!(Instant::now() < deadline, "the server did not come up");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    server
+        .expect("server start")
 }
 
 struct Api {
@@ -194,7 +151,7 @@ async fn kill_9_under_load(database_url: Option<String>) {
         .await
         .expect("mock upstream");
     let server = serve(&data, database_url.as_deref()).await;
-    let api = Api::login(&server.base).await;
+    let api = Api::login(&server.url()).await;
     for raw in raws {
         let r = api
             .post("/keys", json!({"identifier": raw, "raw_key": raw}))
@@ -275,9 +232,8 @@ async fn kill_9_under_load(database_url: Option<String>) {
         .collect();
     tokio::time::sleep(Duration::from_millis(2500)).await;
     let mut server = server;
-    server.child.kill().expect("SIGKILL");
+    server.kill();
     let killed_at = Instant::now();
-    server.child.wait().expect("reaped");
     let (mut acked, mut unanswered) = (Vec::new(), 0);
     for t in tasks {
         let (a, u) = t.await.expect("client");
@@ -292,7 +248,7 @@ async fn kill_9_under_load(database_url: Option<String>) {
 
     // Restart on the same data.
     let server = serve(&data, database_url.as_deref()).await;
-    let api = Api::login(&server.base).await;
+    let api = Api::login(&server.url()).await;
     let pools_made = created.iter().filter(|(_, p)| p.is_some()).count();
     assert!(created.len() > 5, "the writers made progress: {created:?}");
     for (key, pool) in &created {

@@ -8,9 +8,12 @@
 //! `venv` (or pip, as a fallback) and access to PyPI for that first install. `APIPOOL_PYTHON`
 //! picks another interpreter; `APIPOOL_COMPAT_VENV` another virtualenv (e.g. one made by CI).
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output, Stdio};
+
+use common::{Serve, Server, run};
 
 use serde_json::{Value, json};
 
@@ -22,11 +25,6 @@ const PASSWORD: &str = "compat-admin-password-1";
 struct Python {
     exe: PathBuf,
     path: Option<PathBuf>,
-}
-
-fn run(cmd: &mut Command) -> Output {
-    cmd.output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e} (is python3 installed?)"))
 }
 
 fn has_sdk(py: &Python) -> bool {
@@ -110,67 +108,11 @@ fn python_with_sdk() -> Python {
     fallback
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
-
-/// The real server binary; killed on drop.
-struct Server {
-    child: Child,
-    url: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 async fn start_server() -> Server {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let port = free_port();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_apipool"));
-    for (k, _) in std::env::vars() {
-        if k.starts_with("APIPOOL_") {
-            cmd.env_remove(k);
-        }
-    }
-    let child = cmd
-        .args(["serve", "--bind", &format!("127.0.0.1:{port}")])
-        .arg("--data-dir")
-        .arg(dir.path().join("data"))
-        .env("APIPOOL_ADMIN_USERNAME", ADMIN)
-        .env("APIPOOL_ADMIN_PASSWORD", PASSWORD)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn apipool serve");
-    let server = Server {
-        child,
-        url: format!("http://127.0.0.1:{port}"),
-        _dir: dir,
-    };
-    let client = reqwest::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Ok(r) = client.get(format!("{}/health", server.url)).send().await
-            && r.status().is_success()
-        {
-            return server;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "apipool serve did not become healthy"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let spec = Serve::new().admin(ADMIN, PASSWORD);
+    tokio::task::spawn_blocking(move || spec.spawn())
+        .await
+        .expect("server start")
 }
 
 async fn api(client: &reqwest::Client, token: &str, method: &str, url: String, body: Value) {
@@ -205,7 +147,7 @@ async fn apipool_ng_1_0_9_sdk_works_unchanged() {
         .expect("mock upstream");
     let server = start_server().await;
     let client = reqwest::Client::new();
-    let api_url = |p: &str| format!("{}/api/v1{p}", server.url);
+    let api_url = |p: &str| format!("{}/api/v1{p}", server.url());
     let login: Value = client
         .post(api_url("/auth/login"))
         .json(&json!({"username": ADMIN, "password": PASSWORD}))
@@ -267,7 +209,7 @@ async fn apipool_ng_1_0_9_sdk_works_unchanged() {
         cmd.env("PYTHONPATH", p);
     }
     cmd.arg(&script)
-        .env("APIPOOL_URL", &server.url)
+        .env("APIPOOL_URL", server.url())
         .env("APIPOOL_USER", "pyuser")
         .env("APIPOOL_PASSWORD", "py-password-1")
         .env("POOL", "compat")

@@ -3,8 +3,8 @@
 //! the server (adds, removals, config, an empty list, a server outage), and engine state kept
 //! across refreshes.
 
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+mod common;
+
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -12,6 +12,7 @@ use apipool::sdk::{
     self, AsyncDynamicKeyManager, DynamicKeyManager, Kept, SdkError, Session, SessionOptions,
 };
 use apipool::{KeyState, ManualClock, Outcome};
+use common::{Serve, Server};
 use reqwest::Method;
 use secrecy::ExposeSecret;
 use serde_json::{Value, json};
@@ -19,100 +20,12 @@ use serde_json::{Value, json};
 const ADMIN: &str = "admin";
 const PASSWORD: &str = "sdk-test-password-1";
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
-
-/// The real server binary on a fixed port and data directory (so it can be stopped and started
-/// again on the same address with the same data).
-struct Server {
-    child: Option<Child>,
-    port: u16,
-    data: PathBuf,
-    ttl_secs: u64,
-    _dir: tempfile::TempDir,
-}
-
-impl Server {
-    fn start(ttl_secs: u64) -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mut s = Self {
-            child: None,
-            port: free_port(),
-            data: dir.path().join("data"),
-            ttl_secs,
-            _dir: dir,
-        };
-        s.spawn();
-        s
-    }
-
-    fn spawn(&mut self) {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_apipool"));
-        for (k, _) in std::env::vars() {
-            if k.starts_with("APIPOOL_") {
-                cmd.env_remove(k);
-            }
-        }
-        cmd.args(["serve", "--bind", &format!("127.0.0.1:{}", self.port)])
-            .arg("--data-dir")
-            .arg(&self.data)
-            .env("APIPOOL_ADMIN_USERNAME", ADMIN)
-            .env("APIPOOL_ADMIN_PASSWORD", PASSWORD)
-            .env("APIPOOL_ACCESS_TOKEN_TTL_SECS", self.ttl_secs.to_string())
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        self.child = Some(cmd.spawn().expect("spawn apipool serve"));
-        wait_healthy(self.port);
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        // Wait until the port is refused, so "down" is really down.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
-            assert!(Instant::now() < deadline, "server still answers");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn wait_healthy(port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
-            use std::io::{Read, Write};
-            let _ = s.write_all(b"GET /health HTTP/1.0\r\n\r\n");
-            let mut buf = String::new();
-            let _ = s.read_to_string(&mut buf);
-            if buf.starts_with("HTTP/1.1 200") || buf.starts_with("HTTP/1.0 200") {
-                return;
-            }
-        }
-        assert!(Instant::now() < deadline, "server did not come up");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+/// The real server binary; `stop()` and `start()` keep its address and data.
+fn start_server(ttl_secs: u64) -> Server {
+    Serve::new()
+        .admin(ADMIN, PASSWORD)
+        .env("APIPOOL_ACCESS_TOKEN_TTL_SECS", &ttl_secs.to_string())
+        .spawn()
 }
 
 async fn add_key(s: &Session, id: &str, raw: &str) {
@@ -153,7 +66,7 @@ async fn remove_member(s: &Session, pool: &str, key: &str) {
 
 /// A server with pool `prices` of keys `k1`, `k2` (raw `raw-key-number-1/2`).
 async fn seeded(ttl: u64) -> (Server, Session) {
-    let server = tokio::task::spawn_blocking(move || Server::start(ttl))
+    let server = tokio::task::spawn_blocking(move || start_server(ttl))
         .await
         .expect("start");
     let admin = sdk::alogin(&server.url(), ADMIN, PASSWORD)
@@ -482,7 +395,7 @@ async fn keeps_cooldowns_of_staying_keys_and_survives_an_outage() {
     // It comes back (same address, same data): the next refresh applies the server's list again.
     let mut server = server;
     let server = tokio::task::spawn_blocking(move || {
-        server.spawn();
+        server.start();
         server
     })
     .await

@@ -1,11 +1,11 @@
 //! login/logout/whoami, key, pool, user and stats commands.
 
-use crate::helpers::{ADMIN, Cli, Mock, PASSWORD, Server, assert_success, stderr};
+use crate::helpers::{ADMIN, Cli, Mock, PASSWORD, Server, assert_success, start_server, stderr};
 use serde_json::Value;
 
 #[test]
 fn wrong_password_is_refused_and_nothing_is_stored() {
-    let server = Server::start(900);
+    let server = start_server(900);
     let cli = Cli::new(&server);
     let out = cli
         .cmd(&["login", "--server", &server.url(), "--username", ADMIN])
@@ -53,7 +53,7 @@ fn wrong_password_is_refused_and_nothing_is_stored() {
 #[test]
 fn short_lived_tokens_are_renewed_and_logout_revokes() {
     // Access tokens live 30 s, under the CLI's 60 s margin: every command renews first.
-    let server = Server::start(30);
+    let server = start_server(30);
     let cli = Cli::new(&server);
     cli.login(ADMIN, PASSWORD);
     let refresh_of = |cli: &Cli| -> String {
@@ -89,7 +89,7 @@ fn short_lived_tokens_are_renewed_and_logout_revokes() {
 
 #[test]
 fn keys_from_add_to_delete() {
-    let server = Server::start(900);
+    let server = start_server(900);
     let mock = Mock::start(&["raw-secret-alpha-1", "raw-secret-beta-22"], 100, 1.0);
     let cli = Cli::new(&server);
     cli.login(ADMIN, PASSWORD);
@@ -250,7 +250,7 @@ fn session_access(cli: &Cli) -> String {
 
 #[test]
 fn pools_members_config_status_and_unknown_pool() {
-    let server = Server::start(900);
+    let server = start_server(900);
     let cli = Cli::new(&server);
     cli.login(ADMIN, PASSWORD);
     for (id, raw) in [
@@ -370,7 +370,7 @@ fn pools_members_config_status_and_unknown_pool() {
 
 #[test]
 fn users_are_admin_only() {
-    let server = Server::start(900);
+    let server = start_server(900);
     let admin = Cli::new(&server);
     admin.login(ADMIN, PASSWORD);
     let out = admin

@@ -1,7 +1,7 @@
 //! `apipool batch run` through the server's proxy and through a local pool.
 
 use crate::helpers::{
-    Cli, Mock, Server, assert_success, price_items, results, seeded_pool, stderr,
+    Cli, Mock, assert_success, price_items, results, seeded_pool, start_server, stderr,
 };
 use serde_json::Value;
 use std::collections::{HashMap, HashSet};
@@ -15,7 +15,7 @@ fn p(path: &std::path::Path) -> &str {
 
 #[test]
 fn malformed_lines_are_reported_the_rest_run_and_a_rerun_sends_nothing() {
-    let server = Server::start(900);
+    let server = start_server(900);
     let mock = Mock::start(&["raw-key-aaaa-1", "raw-key-bbbb-2"], 50, 1.0);
     let cli = seeded_pool(
         &server,
@@ -127,7 +127,7 @@ fn malformed_lines_are_reported_the_rest_run_and_a_rerun_sends_nothing() {
 
 #[test]
 fn an_unknown_pool_stops_before_anything_is_sent() {
-    let server = Server::start(900);
+    let server = start_server(900);
     let mock = Mock::start(&["raw-key-aaaa-1"], 50, 1.0);
     let cli = seeded_pool(&server, &mock, &["raw-key-aaaa-1"], 50, 1.0);
     let input = cli.path("items.jsonl");
@@ -207,7 +207,7 @@ fn interrupt_at(
 
 #[test]
 fn sigint_at_half_way_then_resume_sends_every_id_exactly_once() {
-    let server = Server::start(900);
+    let server = start_server(900);
     let keys = ["raw-key-aaaa-1", "raw-key-bbbb-2", "raw-key-cccc-3"];
     let mock = Mock::start(&keys, 20, 1.0);
     let cli = seeded_pool(&server, &mock, &keys, 20, 1.0);
@@ -274,7 +274,7 @@ fn sigint_at_half_way_then_resume_sends_every_id_exactly_once() {
 
 #[test]
 fn sigkill_then_resume_never_resends_a_recorded_success() {
-    let server = Server::start(900);
+    let server = start_server(900);
     let keys = ["raw-key-aaaa-1", "raw-key-bbbb-2", "raw-key-cccc-3"];
     let mock = Mock::start(&keys, 20, 1.0);
     let cli = seeded_pool(&server, &mock, &keys, 20, 1.0);

@@ -2,91 +2,21 @@
 //! mock-upstream on its own runtime, and a CLI runner with its own config directory.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output, Stdio};
 
 use serde_json::Value;
 
 pub(crate) const ADMIN: &str = "admin";
 pub(crate) const PASSWORD: &str = "cli-test-password-1";
 
-pub(crate) fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
+pub(crate) use crate::common::{Server, apipool};
 
-/// A `Command` for the binary with no inherited `APIPOOL_*` variables.
-pub(crate) fn apipool() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_apipool"));
-    for (k, _) in std::env::vars() {
-        if k.starts_with("APIPOOL_") {
-            c.env_remove(k);
-        }
-    }
-    c
-}
-
-/// `apipool serve` with its own data directory.
-pub(crate) struct Server {
-    child: Child,
-    port: u16,
-    _dir: tempfile::TempDir,
-}
-
-impl Server {
-    pub(crate) fn start(ttl_secs: u64) -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let port = free_port();
-        let child = apipool()
-            .args(["serve", "--bind", &format!("127.0.0.1:{port}")])
-            .arg("--data-dir")
-            .arg(dir.path().join("data"))
-            .env("APIPOOL_ADMIN_USERNAME", ADMIN)
-            .env("APIPOOL_ADMIN_PASSWORD", PASSWORD)
-            .env("APIPOOL_ACCESS_TOKEN_TTL_SECS", ttl_secs.to_string())
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn apipool serve");
-        let s = Self {
-            child,
-            port,
-            _dir: dir,
-        };
-        s.wait_healthy();
-        s
-    }
-
-    fn wait_healthy(&self) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let client = reqwest::blocking::Client::new();
-        loop {
-            if client
-                .get(format!("{}/health", self.url()))
-                .send()
-                .is_ok_and(|r| r.status().is_success())
-            {
-                return;
-            }
-            assert!(Instant::now() < deadline, "server did not come up");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    pub(crate) fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// `apipool serve` with its own data directory, the test admin and this access-token lifetime.
+pub(crate) fn start_server(ttl_secs: u64) -> Server {
+    crate::common::Serve::new()
+        .admin(ADMIN, PASSWORD)
+        .env("APIPOOL_ACCESS_TOKEN_TTL_SECS", &ttl_secs.to_string())
+        .spawn()
 }
 
 /// mock-upstream on a private runtime.

@@ -4,4 +4,6 @@
 
 mod admin;
 mod batch;
+#[path = "../common/mod.rs"]
+mod common;
 mod helpers;
