@@ -115,7 +115,23 @@ async fn unknown_routes_and_methods_are_json(backend: Backend) {
         .await
         .unwrap();
     expect_error(r, 401).await;
-    // request ids are propagated
-    let r = app.client.get(app.url("/health")).send().await.unwrap();
-    assert!(r.headers().contains_key("x-request-id"));
+    // every answer carries a request id: a fresh random (version 4) UUID per request
+    let mut ids = std::collections::HashSet::new();
+    for _ in 0..20 {
+        let r = app.client.get(app.url("/health")).send().await.unwrap();
+        let id = r.headers()["x-request-id"].to_str().unwrap().to_owned();
+        let parsed = uuid::Uuid::parse_str(&id).unwrap();
+        assert_eq!(parsed.get_version_num(), 4, "{id}");
+        assert_eq!(parsed.hyphenated().to_string(), id);
+        assert!(ids.insert(id), "request ids repeat");
+    }
+    // a caller's own request id is kept
+    let r = app
+        .client
+        .get(app.url("/health"))
+        .header("x-request-id", "caller-chosen-42")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["x-request-id"], "caller-chosen-42");
 }
