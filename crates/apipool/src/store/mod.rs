@@ -259,7 +259,7 @@ thread_local! {
 /// follows the strategy's shard choice again. Threads that keep colliding so settle on shards of
 /// their own instead of all moving every key's cache lines between cores on every call; a thread
 /// that meets no contention always follows the strategy (exact round-robin order).
-const STICKY_RUN: u32 = 64;
+const STICKY_RUN: u32 = 1024;
 
 /// A uniform draw in `0..n` (`n > 0`) from this thread's generator (splitmix64, multiply-shift).
 fn draw_below(n: u64) -> u64 {
