@@ -1,5 +1,7 @@
 //! Engine benchmarks: one acquire + report through the pool's public API (lock, selection,
-//! limits, health, lease, report), on 10 and 100,000 keys, per strategy, and across threads.
+//! limits, health, lease, report), on 10 and 100,000 keys, per strategy, and across threads
+//! (round robin on 10 keys: the store with one shard, the default sharded store, and one pool per
+//! thread — threads that share nothing, the machine's ceiling).
 //!
 //! Run with: `cargo bench -p apipool --bench engine`
 //!

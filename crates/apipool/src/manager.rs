@@ -1141,7 +1141,9 @@ impl<K: ApiKey> ApiKeyManagerBuilder<K> {
     /// into, so threads acquiring at once do not queue on one lock. Default: one per core, at
     /// most 16. Keys are spread over them in add order (a quota scope's keys share one); round
     /// robin stays in add order and random and weighted stay proportional across them, while
-    /// least used is exact only within one. `1` keeps a single engine: one exact global order.
+    /// least used is exact only within one. Threads that collide on a shard each keep to a
+    /// shard for a run of calls, so under contention the order holds over runs, not call by
+    /// call. `1` keeps a single engine: one exact global order.
     pub fn shards(mut self, n: usize) -> Self {
         self.shards = Some(n.max(1));
         self

@@ -206,8 +206,11 @@ struct Placement {
 /// in order come out in that order when all are free), random in proportion to the shards' key
 /// counts, weighted in proportion to their total weights, least used by rotation (the least used
 /// key *within* the shard: approximate across shards) — takes it with `try_lock`, and moves on to
-/// the next shard when it is contended or has no free key. With one shard it is the engine
-/// behind one lock, exactly.
+/// the next shard when it is contended or has no free key. A thread that found its start shard
+/// taken stays on the shard it got for its next `STICKY_RUN` picks (while that shard has a free
+/// key), so threads calling at once settle on shards of their own; the strategy's order across
+/// shards then holds over runs, not call by call. With one shard it is the engine behind one
+/// lock, exactly.
 pub(crate) struct MemoryStore {
     shards: Box<[Shard]>,
     census: Box<[Census]>,
