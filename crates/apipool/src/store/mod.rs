@@ -207,10 +207,11 @@ struct Placement {
 /// counts, weighted in proportion to their total weights, least used by rotation (the least used
 /// key *within* the shard: approximate across shards) — takes it with `try_lock`, and moves on to
 /// the next shard when it is contended or has no free key. A thread that found its start shard
-/// taken stays on the shard it got for its next `STICKY_RUN` picks (while that shard has a free
-/// key), so threads calling at once settle on shards of their own; the strategy's order across
-/// shards then holds over runs, not call by call. With one shard it is the engine behind one
-/// lock, exactly.
+/// taken goes to its home shard (threads are numbered as they first call: thread i's home is
+/// shard i mod S) for its next `STICKY_RUN` picks while that shard has a free key, so threads
+/// calling at once spread evenly over shards of their own; the strategy's order across shards
+/// then holds over runs, not call by call. With one shard it is the engine behind one lock,
+/// exactly.
 pub(crate) struct MemoryStore {
     shards: Box<[Shard]>,
     census: Box<[Census]>,
@@ -256,12 +257,17 @@ thread_local! {
     static SHARD_RNG: Cell<u64> = Cell::new(rand::random::<u64>());
     /// This thread's shard while it meets contention: (store address, shard, picks left).
     static STICKY: Cell<(usize, usize, u32)> = const { Cell::new((0, 0, 0)) };
+    /// This thread's number: its home shard is this modulo the shard count.
+    static HOME: usize = NEXT_HOME.fetch_add(1, Relaxed);
 }
 
-/// Picks a thread makes on the shard it moved to after finding its start shard taken, before it
-/// follows the strategy's shard choice again. Threads that keep colliding so settle on shards of
-/// their own instead of all moving every key's cache lines between cores on every call; a thread
-/// that meets no contention always follows the strategy (exact round-robin order).
+static NEXT_HOME: AtomicUsize = AtomicUsize::new(0);
+
+/// Picks a thread makes on its home shard after finding its start shard taken, before it follows
+/// the strategy's shard choice again. Threads that keep colliding so settle on shards of their
+/// own (spread evenly: homes are assigned in turn) instead of all moving every key's cache lines
+/// between cores on every call; a thread that meets no contention always follows the strategy
+/// (exact round-robin order).
 const STICKY_RUN: u32 = 1024;
 
 /// A uniform draw in `0..n` (`n > 0`) from this thread's generator (splitmix64, multiply-shift).
@@ -348,6 +354,11 @@ impl MemoryStore {
         self.shards.len()
     }
 
+    /// This thread's home shard.
+    fn home_shard(&self) -> usize {
+        HOME.with(|&h| h % self.shards.len())
+    }
+
     /// The shard and local slot of a global slot.
     fn locate(&self, slot: u32) -> (usize, u32) {
         let n = self.shards.len() as u32;
@@ -426,7 +437,13 @@ impl MemoryStore {
             match ask(shard, &mut l.engine) {
                 Acquire::Granted(t) => {
                     if contended & (1 << start) != 0 {
-                        STICKY.set((me, shard, STICKY_RUN));
+                        let home = self.home_shard();
+                        let stay = if self.census[home].keys.load(Relaxed) > 0 {
+                            home
+                        } else {
+                            shard
+                        };
+                        STICKY.set((me, stay, STICKY_RUN));
                     }
                     return l.grant(t, shard, n);
                 }
@@ -945,14 +962,15 @@ mod tests {
     #[test]
     fn a_thread_that_meets_contention_stays_on_its_shard_for_a_run_then_follows_the_order() {
         let (s, t0) = store(2, Strategy::RoundRobin, Settings::default(), &plain(6));
+        let home = s.home_shard();
         assert_eq!(one_at(&s, t0, &[]), 0);
-        // Shard 1 (next in turn) is taken by another thread: this one moves to shard 0 and
-        // stays there for its run.
+        // Shard 1 (next in turn) is taken by another thread: this one gets a key of shard 0,
+        // then keeps to its home shard for its run.
         let taken = s.shards[1].state.lock();
         assert_eq!(s.locate(one_at(&s, t0, &[])).0, 0);
         drop(taken);
         for _ in 0..STICKY_RUN {
-            assert_eq!(s.locate(one_at(&s, t0, &[])).0, 0);
+            assert_eq!(s.locate(one_at(&s, t0, &[])).0, home);
         }
         // Then the round-robin turn again: shards alternate.
         let shards: Vec<usize> = (0..6).map(|_| s.locate(one_at(&s, t0, &[])).0).collect();
@@ -961,6 +979,28 @@ mod tests {
         let (other, t1) = store(2, Strategy::RoundRobin, Settings::default(), &plain(4));
         let order: Vec<u32> = (0..4).map(|_| one_at(&other, t1, &[])).collect();
         assert_eq!(order, vec![0, 1, 2, 3]);
+    }
+
+    #[test]
+    fn threads_numbered_in_turn_have_home_shards_in_turn() {
+        let (s, _) = store(3, Strategy::Random, Settings::default(), &plain(6));
+        let seen: Vec<(usize, usize)> = std::thread::scope(|sc| {
+            let handles: Vec<_> = (0..6)
+                .map(|_| sc.spawn(|| (HOME.with(|&h| h), s.home_shard())))
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let mut numbers: Vec<usize> = seen.iter().map(|&(no, _)| no).collect();
+        numbers.sort_unstable();
+        numbers.dedup();
+        assert_eq!(
+            numbers.len(),
+            6,
+            "every thread has its own number: {seen:?}"
+        );
+        for (no, home) in seen {
+            assert_eq!(home, no % 3);
+        }
     }
 
     #[test]
