@@ -627,7 +627,7 @@ impl<K: ApiKey> ApiKeyManager<K> {
     async fn aacquire_avoiding(&self, avoid: &[u32], deadline: Instant) -> Result<Lease<K>, Error> {
         loop {
             let (_waiter, listener): (Waiter<'_>, EventListener) =
-                match self.step(avoid, Some(deadline)) {
+                match self.astep(avoid, deadline).await {
                     Step::Ready(lease) => return Ok(lease),
                     Step::Fail(e) => return Err(e),
                     Step::Wait(_) => (
@@ -635,7 +635,7 @@ impl<K: ApiKey> ApiKeyManager<K> {
                         self.inner.released.listen(),
                     ),
                 };
-            match self.step(avoid, Some(deadline)) {
+            match self.astep(avoid, deadline).await {
                 Step::Ready(lease) => return Ok(lease),
                 Step::Fail(e) => return Err(e),
                 Step::Wait(until) => {
@@ -643,6 +643,23 @@ impl<K: ApiKey> ApiKeyManager<K> {
                     let _ = tokio::time::timeout_at(until, listener).await;
                 }
             }
+        }
+    }
+
+    /// [`Self::step`] for async callers. A store whose acquire is a network round trip (Redis)
+    /// is asked from the runtime's blocking pool, so the worker thread keeps running other tasks
+    /// meanwhile; the in-process store answers in well under a microsecond and is asked inline.
+    async fn astep(&self, avoid: &[u32], deadline: Instant) -> Step<K> {
+        if !self.inner.store.acquire_blocks() {
+            return self.step(avoid, Some(deadline));
+        }
+        let pool = self.clone();
+        let owned = avoid.to_vec();
+        match tokio::task::spawn_blocking(move || pool.step(&owned, Some(deadline))).await {
+            Ok(step) => step,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            // The runtime is shutting down: ask inline rather than fail the call.
+            Err(_) => self.step(avoid, Some(deadline)),
         }
     }
 

@@ -511,3 +511,67 @@ async fn two_pools_in_one_process_draw_no_429_from_a_shared_upstream() {
     );
     server.shutdown().await.unwrap();
 }
+
+/// An async acquire on a Redis pool is a network round trip: it must not hold the runtime's only
+/// worker thread while Redis answers. Redis is paused (`CLIENT PAUSE`, on a throwaway server so
+/// other tests are not slowed) while a task on a current-thread runtime acquires; a ticker on the
+/// same runtime must keep ticking meanwhile.
+#[test]
+fn an_async_acquire_leaves_the_runtime_free_while_redis_answers() {
+    let server = Server::start(Server::free_port());
+    let url = format!("redis://127.0.0.1:{}", server.port);
+    let pool = pool_on(
+        RedisStoreConfig::new(&url)
+            .unwrap()
+            .prefix(prefix("async-acquire").as_str())
+            .io_timeout(Duration::from_secs(5)),
+        None,
+    );
+    // Connected, scripts loaded.
+    pool.try_acquire().unwrap().report(Outcome::Success);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let ticks = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let counter = ticks.clone();
+        let ticker = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        });
+        let paused = Command::new("redis-cli")
+            .args([
+                "-p",
+                &server.port.to_string(),
+                "CLIENT",
+                "PAUSE",
+                "600",
+                "ALL",
+            ])
+            .output()
+            .expect("redis-cli must be installed");
+        assert!(
+            String::from_utf8_lossy(&paused.stdout).contains("OK"),
+            "CLIENT PAUSE: {paused:?}"
+        );
+        let started = Instant::now();
+        let before = ticks.load(std::sync::atomic::Ordering::Relaxed);
+        let lease = pool.aacquire().await.expect("granted once Redis resumes");
+        let waited = started.elapsed();
+        let ticked = ticks.load(std::sync::atomic::Ordering::Relaxed) - before;
+        lease.report(Outcome::Success);
+        ticker.abort();
+        assert!(
+            waited >= Duration::from_millis(300),
+            "the acquire waited for the paused Redis ({waited:?})"
+        );
+        assert!(
+            ticked >= 10,
+            "the runtime ran other tasks during the round trip: {ticked} ticks in {waited:?}"
+        );
+    });
+    drop(server);
+}

@@ -136,6 +136,11 @@ pub(crate) trait KeyStateStore: Send + Sync + fmt::Debug + 'static {
     fn define_scope(&self, name: &str, limits: Vec<RateLimit>, max_in_flight: u32);
     /// The pool's per-call timeout changed (a shared store sizes its leases' lifetime on it).
     fn set_call_timeout(&self, _timeout: Duration) {}
+    /// Whether `acquire` waits on I/O (a round trip to a shared store): async callers then run
+    /// it on the runtime's blocking pool instead of holding a worker thread.
+    fn acquire_blocks(&self) -> bool {
+        false
+    }
 }
 
 /// Shards a [`MemoryStore`] makes at most.

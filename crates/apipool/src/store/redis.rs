@@ -13,9 +13,9 @@
 //! the pool fails open. Limits learned from 429s are not shared: configure limits for pools used by
 //! several processes (cooldowns after a 429 are shared).
 //!
-//! Calls are synchronous on a small pool of blocking connections: the async shell pays one
-//! loopback round trip (~0.1 ms, see `docs/BENCHMARKS.md`) on its worker thread per acquire,
-//! like a short lock. Reports go to Redis from one background thread, in order: a success does
+//! Calls are synchronous on a small pool of blocking connections. The async shell asks for a key
+//! from the runtime's blocking pool (`spawn_blocking`), so a round trip (~0.1–0.2 ms on loopback,
+//! see `docs/BENCHMARKS.md`; as long as Redis takes) never holds a runtime worker. Reports go to Redis from one background thread, in order: a success does
 //! not wait for it, an outcome that changes a key's health (429, failure, invalid key) does, so
 //! other processes see it when `report` returns. Acquires of one pool in one process take turns
 //! (one round trip at a time), and when Redis answers "nothing is free before t" the process's
@@ -1117,6 +1117,10 @@ impl KeyStateStore for RedisStore {
         let mut view = self.view.lock();
         view.settings = settings;
         view.rebuild_header(self.link.conf.release_poll, &self.base);
+    }
+
+    fn acquire_blocks(&self) -> bool {
+        true
     }
 
     fn set_call_timeout(&self, timeout: Duration) {
