@@ -1156,9 +1156,11 @@ impl<K: ApiKey> ApiKeyManagerBuilder<K> {
 
     /// How many independent engines (each with its own lock) the in-memory key state is split
     /// into, so threads acquiring at once do not queue on one lock. Default: one per core, at
-    /// most 16. Keys are spread over them in add order (a quota scope's keys share one); round
-    /// robin stays in add order and random and weighted stay proportional across them, while
-    /// least used is exact only within one. Threads that collide on a shard each keep to a
+    /// most 16, except for a pool built with [`Strategy::LeastUsed`], which keeps one (its order
+    /// is pool-wide only then). Keys are spread over them in add order (a quota scope's keys
+    /// share one); round robin stays in add order and random and weighted stay proportional
+    /// across them, while least used is exact only within one (also after switching a sharded
+    /// pool to least used at run time). Threads that collide on a shard each keep to a
     /// shard for a run of calls, so under contention the order holds over runs, not call by
     /// call. `1` keeps a single engine: one exact global order.
     pub fn shards(mut self, n: usize) -> Self {
@@ -1205,7 +1207,12 @@ impl<K: ApiKey> ApiKeyManagerBuilder<K> {
         }
         settings_from_config(&mut settings, &config, limits)?;
         let calls = call_settings_from_config(&config, self.max_refusals)?;
-        let shards = self.shards.unwrap_or_else(crate::store::default_shards);
+        // Least used is exact only within a shard: a pool built for it keeps one engine unless
+        // told otherwise, so "fewest in flight, then least recently used" holds pool-wide.
+        let shards = self.shards.unwrap_or_else(|| match strategy {
+            Strategy::LeastUsed => 1,
+            _ => crate::store::default_shards(),
+        });
         let store = MemoryStore::new(settings, strategy, self.seed, self.clock.now(), shards);
         #[cfg(feature = "redis")]
         let store: Box<dyn KeyStateStore> = match self.redis {

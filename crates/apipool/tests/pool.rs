@@ -540,3 +540,36 @@ fn apply_config_changes_limits_and_strategy_at_run_time() {
     assert_eq!(pool.strategy(), Strategy::RoundRobin);
     assert!(pool.set_strategy_name("nope").is_err());
 }
+
+/// `least_used` is pool-wide by default: with every key but one busy, the next call always gets
+/// the idle one (a sharded store would only look within one shard).
+#[test]
+fn least_used_picks_the_idle_key_pool_wide() {
+    let names = ["a", "b", "c", "d"];
+    let pool = ApiKeyManager::builder()
+        .keys(keys(&names))
+        .strategy(Strategy::LeastUsed)
+        .no_stats()
+        .build()
+        .unwrap();
+    for round in 0..40 {
+        let mut held: Vec<_> = (0..4).map(|_| pool.try_acquire().unwrap()).collect();
+        let mut busy: Vec<String> = held
+            .iter()
+            .map(|l| l.key_client().identifier().to_owned())
+            .collect();
+        busy.sort();
+        busy.dedup();
+        assert_eq!(busy.len(), 4, "round {round}: four different keys");
+        // Free one key (a different one each round); it is then the only idle key.
+        let freed = held.remove(round % 4);
+        let idle = freed.key_client().identifier().to_owned();
+        freed.report(Outcome::Success);
+        let next = pool.try_acquire().unwrap();
+        assert_eq!(next.key_client().identifier(), idle, "round {round}");
+        next.report(Outcome::Success);
+        for l in held {
+            l.report(Outcome::Success);
+        }
+    }
+}
