@@ -650,7 +650,7 @@ impl<K: ApiKey> ApiKeyManager<K> {
     /// is asked from the runtime's blocking pool, so the worker thread keeps running other tasks
     /// meanwhile; the in-process store answers in well under a microsecond and is asked inline.
     async fn astep(&self, avoid: &[u32], deadline: Instant) -> Step<K> {
-        if !self.inner.store.acquire_blocks() {
+        if !self.inner.store.waits_on_io() {
             return self.step(avoid, Some(deadline));
         }
         let pool = self.clone();
@@ -661,6 +661,23 @@ impl<K: ApiKey> ApiKeyManager<K> {
             // The runtime is shutting down: ask inline rather than fail the call.
             Err(_) => self.step(avoid, Some(deadline)),
         }
+    }
+
+    /// [`Lease::report`] for async callers. A shared store (Redis) waits for the round trip of an
+    /// outcome that changes a key's health (so other processes see it when the report returns):
+    /// that report runs on the runtime's blocking pool. A success never waits.
+    async fn areport(&self, lease: Lease<K>, outcome: Outcome) {
+        if matches!(outcome, Outcome::Success) || !self.inner.store.waits_on_io() {
+            lease.report(outcome);
+            return;
+        }
+        if let Err(e) = tokio::task::spawn_blocking(move || lease.report(outcome)).await
+            && e.is_panic()
+        {
+            std::panic::resume_unwind(e.into_panic());
+        }
+        // Cancelled (the runtime is shutting down): the lease was dropped unreported, which
+        // releases its key as a cancelled call.
     }
 
     /// Maps a time on the pool's clock to a real instant to sleep until.
@@ -812,13 +829,13 @@ impl<K: ApiKey> ApiKeyManager<K> {
             match tokio::time::timeout(opts.timeout, op(lease.key_client())).await {
                 Ok(result) => {
                     let outcome = classifier.classify(&result);
-                    lease.report(outcome);
+                    self.areport(lease, outcome).await;
                     if !attempts.retry_after(idx, outcome) {
                         return finish(result, outcome, attempts.count());
                     }
                 }
                 Err(_elapsed) => {
-                    lease.report(Outcome::Timeout);
+                    self.areport(lease, Outcome::Timeout).await;
                     if !attempts.retry_after(idx, Outcome::Timeout) {
                         return Err(CallError::Timeout {
                             timeout: opts.timeout,

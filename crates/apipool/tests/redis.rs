@@ -512,23 +512,41 @@ async fn two_pools_in_one_process_draw_no_429_from_a_shared_upstream() {
     server.shutdown().await.unwrap();
 }
 
-/// An async acquire on a Redis pool is a network round trip: it must not hold the runtime's only
-/// worker thread while Redis answers. Redis is paused (`CLIENT PAUSE`, on a throwaway server so
-/// other tests are not slowed) while a task on a current-thread runtime acquires; a ticker on the
-/// same runtime must keep ticking meanwhile.
+/// An async acquire on a Redis pool is a network round trip, and so is an async report of an
+/// outcome that changes a key's health: neither may hold the runtime's only worker thread while
+/// Redis answers. Redis is paused (`CLIENT PAUSE`, on a throwaway server so other tests are not
+/// slowed) while a task on a current-thread runtime acquires, then while a failed call reports;
+/// a ticker on the same runtime must keep ticking meanwhile.
 #[test]
-fn an_async_acquire_leaves_the_runtime_free_while_redis_answers() {
+fn async_acquires_and_reports_leave_the_runtime_free_while_redis_answers() {
     let server = Server::start(Server::free_port());
     let url = format!("redis://127.0.0.1:{}", server.port);
     let pool = pool_on(
         RedisStoreConfig::new(&url)
             .unwrap()
-            .prefix(prefix("async-acquire").as_str())
+            .prefix(prefix("async-round-trips").as_str())
             .io_timeout(Duration::from_secs(5)),
         None,
     );
     // Connected, scripts loaded.
     pool.try_acquire().unwrap().report(Outcome::Success);
+    let pause = || {
+        let out = Command::new("redis-cli")
+            .args([
+                "-p",
+                &server.port.to_string(),
+                "CLIENT",
+                "PAUSE",
+                "600",
+                "ALL",
+            ])
+            .output()
+            .expect("redis-cli must be installed");
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("OK"),
+            "CLIENT PAUSE: {out:?}"
+        );
+    };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -542,36 +560,37 @@ fn an_async_acquire_leaves_the_runtime_free_while_redis_answers() {
                 counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
         });
-        let paused = Command::new("redis-cli")
-            .args([
-                "-p",
-                &server.port.to_string(),
-                "CLIENT",
-                "PAUSE",
-                "600",
-                "ALL",
-            ])
-            .output()
-            .expect("redis-cli must be installed");
-        assert!(
-            String::from_utf8_lossy(&paused.stdout).contains("OK"),
-            "CLIENT PAUSE: {paused:?}"
-        );
-        let started = Instant::now();
-        let before = ticks.load(std::sync::atomic::Ordering::Relaxed);
+        let count = || ticks.load(std::sync::atomic::Ordering::Relaxed);
+        let check = |what: &str, started: Instant, before: u32| {
+            let waited = started.elapsed();
+            let ticked = count() - before;
+            assert!(
+                waited >= Duration::from_millis(300),
+                "{what} waited for the paused Redis ({waited:?})"
+            );
+            assert!(
+                ticked >= 10,
+                "{what}: the runtime ran other tasks meanwhile: {ticked} ticks in {waited:?}"
+            );
+        };
+
+        pause();
+        let (started, before) = (Instant::now(), count());
         let lease = pool.aacquire().await.expect("granted once Redis resumes");
-        let waited = started.elapsed();
-        let ticked = ticks.load(std::sync::atomic::Ordering::Relaxed) - before;
+        check("an acquire", started, before);
         lease.report(Outcome::Success);
+
+        // The call fails while Redis is paused; its report (a failure counts toward a ban) waits.
+        let (started, before) = (Instant::now(), count());
+        let result = pool
+            .acall(|_| async {
+                pause();
+                Err::<(), _>("upstream failed")
+            })
+            .await;
+        assert!(result.is_err());
+        check("a failure's report", started, before);
         ticker.abort();
-        assert!(
-            waited >= Duration::from_millis(300),
-            "the acquire waited for the paused Redis ({waited:?})"
-        );
-        assert!(
-            ticked >= 10,
-            "the runtime ran other tasks during the round trip: {ticked} ticks in {waited:?}"
-        );
     });
     drop(server);
 }

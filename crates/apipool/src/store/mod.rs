@@ -136,9 +136,10 @@ pub(crate) trait KeyStateStore: Send + Sync + fmt::Debug + 'static {
     fn define_scope(&self, name: &str, limits: Vec<RateLimit>, max_in_flight: u32);
     /// The pool's per-call timeout changed (a shared store sizes its leases' lifetime on it).
     fn set_call_timeout(&self, _timeout: Duration) {}
-    /// Whether `acquire` waits on I/O (a round trip to a shared store): async callers then run
-    /// it on the runtime's blocking pool instead of holding a worker thread.
-    fn acquire_blocks(&self) -> bool {
+    /// Whether `acquire` (and `report` of an outcome that changes a key's health) waits on I/O,
+    /// a round trip to a shared store: async callers then run them on the runtime's blocking
+    /// pool instead of holding a worker thread.
+    fn waits_on_io(&self) -> bool {
         false
     }
 }

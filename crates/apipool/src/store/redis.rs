@@ -13,11 +13,12 @@
 //! the pool fails open. Limits learned from 429s are not shared: configure limits for pools used by
 //! several processes (cooldowns after a 429 are shared).
 //!
-//! Calls are synchronous on a small pool of blocking connections. The async shell asks for a key
-//! from the runtime's blocking pool (`spawn_blocking`), so a round trip (~0.1–0.2 ms on loopback,
-//! see `docs/BENCHMARKS.md`; as long as Redis takes) never holds a runtime worker. Reports go to Redis from one background thread, in order: a success does
-//! not wait for it, an outcome that changes a key's health (429, failure, invalid key) does, so
-//! other processes see it when `report` returns. Acquires of one pool in one process take turns
+//! Calls are synchronous on a small pool of blocking connections. Reports go to Redis from one
+//! background thread, in order: a success does not wait for it, an outcome that changes a key's
+//! health (429, failure, invalid key) does, so other processes see it when `report` returns. The
+//! async shell asks for a key, and reports such an outcome, from the runtime's blocking pool
+//! (`spawn_blocking`), so a round trip (~0.1–0.2 ms on loopback, see `docs/BENCHMARKS.md`; as
+//! long as Redis takes) never holds a runtime worker. Acquires of one pool in one process take turns
 //! (one round trip at a time), and when Redis answers "nothing is free before t" the process's
 //! other waiters take that answer without asking again: a free place costs each process about
 //! one round trip, not one per waiting task.
@@ -1119,7 +1120,7 @@ impl KeyStateStore for RedisStore {
         view.rebuild_header(self.link.conf.release_poll, &self.base);
     }
 
-    fn acquire_blocks(&self) -> bool {
+    fn waits_on_io(&self) -> bool {
         true
     }
 
