@@ -655,11 +655,10 @@ impl<K: ApiKey> ApiKeyManager<K> {
         }
         let pool = self.clone();
         let owned = avoid.to_vec();
-        match tokio::task::spawn_blocking(move || pool.step(&owned, Some(deadline))).await {
-            Ok(step) => step,
-            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        match off_runtime(move || pool.step(&owned, Some(deadline))).await {
+            Some(step) => step,
             // The runtime is shutting down: ask inline rather than fail the call.
-            Err(_) => self.step(avoid, Some(deadline)),
+            None => self.step(avoid, Some(deadline)),
         }
     }
 
@@ -671,13 +670,9 @@ impl<K: ApiKey> ApiKeyManager<K> {
             lease.report(outcome);
             return;
         }
-        if let Err(e) = tokio::task::spawn_blocking(move || lease.report(outcome)).await
-            && e.is_panic()
-        {
-            std::panic::resume_unwind(e.into_panic());
-        }
-        // Cancelled (the runtime is shutting down): the lease was dropped unreported, which
+        // `None` (the runtime is shutting down): the lease was dropped unreported, which
         // releases its key as a cancelled call.
+        let _ = off_runtime(move || lease.report(outcome)).await;
     }
 
     /// Maps a time on the pool's clock to a real instant to sleep until.
@@ -911,6 +906,16 @@ fn wait_step<K: ApiKey>(
             retry_at: until,
             retry_after: until.map(|t| t.saturating_duration_since(now)),
         }),
+    }
+}
+
+/// Runs `f` on the runtime's blocking pool (for a store call that waits on I/O). A panic in `f`
+/// carries on here; `None` when the runtime is shutting down and `f` never ran.
+async fn off_runtime<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(v) => Some(v),
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(_) => None,
     }
 }
 
