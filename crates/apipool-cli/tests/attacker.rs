@@ -31,9 +31,7 @@ async fn start_server(rust_log: &str) -> Server {
         .admin(ADMIN, PASSWORD)
         .env("RUST_LOG", rust_log)
         .log_to_file();
-    tokio::task::spawn_blocking(move || spec.spawn())
-        .await
-        .expect("server start")
+    spec.aspawn().await
 }
 
 /// A small API client for set-up steps (each must succeed).

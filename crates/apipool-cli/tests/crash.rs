@@ -30,9 +30,7 @@ async fn serve(data_dir: &std::path::Path, database_url: Option<&str>) -> Server
     if let Some(url) = database_url {
         spec = spec.args(["--database-url", url]);
     }
-    tokio::task::spawn_blocking(move || spec.spawn())
-        .await
-        .expect("server start")
+    spec.aspawn().await
 }
 
 struct Api {

@@ -110,9 +110,7 @@ fn python_with_sdk() -> Python {
 
 async fn start_server() -> Server {
     let spec = Serve::new().admin(ADMIN, PASSWORD);
-    tokio::task::spawn_blocking(move || spec.spawn())
-        .await
-        .expect("server start")
+    spec.aspawn().await
 }
 
 async fn api(client: &reqwest::Client, token: &str, method: &str, url: String, body: Value) {

@@ -106,6 +106,13 @@ impl Serve {
         server.start();
         server
     }
+
+    /// [`Self::spawn`] from async tests (the health wait blocks, so it runs off the runtime).
+    pub(crate) async fn aspawn(self) -> Server {
+        tokio::task::spawn_blocking(move || self.spawn())
+            .await
+            .expect("server start")
+    }
 }
 
 /// A running `apipool serve`; killed (SIGKILL) when dropped.
