@@ -9,35 +9,21 @@
 #   cargo build --release --workspace --bins && crates/apipool-cli/benches/batch_10k.sh
 set -euo pipefail
 
-BIN=${BIN:-target/release}
+ROOT=$(cd "$(dirname "$0")/../../.." && pwd)
 N=${N:-10000}
 KEYS=${KEYS:-10}
 RATE=${RATE:-20}
-PW=bench-password-123
-work=$(mktemp -d)
-pids=()
-cleanup() {
-    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$work"
-}
-trap cleanup EXIT
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# shellcheck source=../../apipool-server/benches/bench-env.sh
+source "$ROOT/crates/apipool-server/benches/bench-env.sh"
+work=$TMP
+PW=bench-admin-password
 
 keys=()
 for i in $(seq 1 "$KEYS"); do keys+=("bench-key-$(printf %02d "$i")-0123456789"); done
-"$BIN/mock-upstream" --keys "$(IFS=,; echo "${keys[*]}")" --rate "$RATE" --interval 1 >"$work/mock.out" 2>"$work/mock.err" &
-pids+=($!)
-for _ in $(seq 1 100); do grep -q listening "$work/mock.out" 2>/dev/null && break; sleep 0.1; done
-mock=$(sed -n 's/^listening on //p' "$work/mock.out")
-
-port=$(free_port)
-APIPOOL_ADMIN_USERNAME=admin APIPOOL_ADMIN_PASSWORD=$PW RUST_LOG=warn \
-    "$BIN/apipool" serve --bind "127.0.0.1:$port" --data-dir "$work/data" 2>"$work/server.err" &
-pids+=($!)
-server="http://127.0.0.1:$port"
-for _ in $(seq 1 200); do curl -fsS "$server/health" >/dev/null 2>&1 && break; sleep 0.1; done
+start_mock --keys "$(IFS=,; echo "${keys[*]}")" --rate "$RATE" --interval 1
+mock=$MOCK
+start_server
+server=$SERVER
 
 export APIPOOL_CONFIG_DIR="$work/cfg"
 cli="$BIN/apipool"

@@ -1,9 +1,11 @@
-# Sourced by proxy-load.sh and proxy-quota.sh (not run on its own): release binaries from BIN, a
+# Sourced by proxy-load.sh, proxy-quota.sh and apipool-cli's batch_10k.sh (not run on its own):
+# release binaries from BIN (default: the target dir's release), a
 # temporary directory removed on exit with every process started here, then
 #   start_mock ARGS...   mock-upstream with ARGS on a free port  → MOCK (URL), MPID
 #   start_server         `apipool serve` (fresh SQLite data dir) and an admin login → SERVER, SPID, TOKEN
+#   free_port            a port nobody listens on now
 #   api PATH JSON        POST JSON to /api/v1/PATH with the admin token (fails on non-2xx)
-BIN="${CARGO_TARGET_DIR:-$ROOT/target}/release"
+BIN="${BIN:-${CARGO_TARGET_DIR:-$ROOT/target}/release}"
 TMP=$(mktemp -d)
 PIDS=()
 cleanup() {
@@ -12,6 +14,8 @@ cleanup() {
   rm -rf "$TMP"
 }
 trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 start_mock() {
   "$BIN/mock-upstream" "$@" >"$TMP/mock.out" 2>"$TMP/mock.err" &
@@ -23,7 +27,7 @@ start_mock() {
 
 start_server() {
   local port
-  port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+  port=$(free_port)
   SERVER="http://127.0.0.1:$port"
   RUST_LOG=warn APIPOOL_ADMIN_PASSWORD=bench-admin-password \
     "$BIN/apipool" serve --bind "127.0.0.1:$port" --data-dir "$TMP/data" >"$TMP/server.out" 2>&1 &

@@ -116,7 +116,7 @@ if [[ -n "${REFERENCE:-}" ]]; then
   for _ in $(seq 100); do grep -q listening "$TMP/ref.out" 2>/dev/null && break; sleep 0.05; done
   REF_URL="$(sed -n 's/^listening on //p' "$TMP/ref.out")/price?id=bitcoin"
   if command -v nginx >/dev/null; then
-    NPORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+    NPORT=$(free_port)
     cat >"$TMP/nginx.conf" <<NGINX
 worker_processes 1;
 daemon off;
