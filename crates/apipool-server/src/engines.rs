@@ -316,7 +316,7 @@ pub struct Engines {
     vault: Arc<Vault>,
     stats: StatsCollector,
     sink: Arc<LabelSink>,
-    http: reqwest::Client,
+    upstream: crate::proxy::upstream::Upstream,
     clock: RwLock<Arc<dyn apipool::Clock>>,
     by_id: RwLock<HashMap<String, Arc<LivePool>>>,
     by_name: RwLock<ByName>,
@@ -408,13 +408,7 @@ impl Engines {
         )
         .await
         .map_err(|e| anyhow::anyhow!("cannot open the statistics tables: {e}"))?;
-        let http = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .tcp_nodelay(true)
-            .pool_max_idle_per_host(1024)
-            .pool_idle_timeout(Duration::from_secs(60))
-            .connect_timeout(Duration::from_secs(10))
-            .build()?;
+        let upstream = crate::proxy::upstream::Upstream::new()?;
         Ok(Self {
             db,
             vault,
@@ -423,7 +417,7 @@ impl Engines {
                 gathered: parking_lot::Mutex::new(Vec::new()),
             }),
             stats,
-            http,
+            upstream,
             clock: RwLock::new(Arc::new(apipool::SystemClock)),
             by_id: RwLock::new(HashMap::new()),
             by_name: RwLock::new(HashMap::new()),
@@ -462,9 +456,9 @@ impl Engines {
         self.stats.aflush().await
     }
 
-    /// The shared upstream HTTP client (connection pooling, no redirects).
-    pub fn http(&self) -> &reqwest::Client {
-        &self.http
+    /// The proxy's upstream HTTP client (connection pooling, no redirects).
+    pub fn upstream(&self) -> &crate::proxy::upstream::Upstream {
+        &self.upstream
     }
 
     /// Replaces the engines' clock for pools built from now on (tests use

@@ -13,6 +13,8 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use tokio::time::Instant;
+
 use apipool::http::HttpClassifier;
 use apipool::{CallError, Error as PoolError, KeyClient, KeyState, Outcome};
 use axum::Json;
@@ -22,6 +24,7 @@ use axum::http::request::Parts;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
+use hyper::body::{Body as _, Incoming};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use utoipa::{OpenApi, ToSchema};
@@ -35,6 +38,7 @@ use crate::engines::{LivePool, PoolView, ServerKey, with_label};
 use crate::proxy::headers::{forward_request_headers, forward_response_headers};
 use crate::proxy::invoke::{HttpCall, InvokeRequest, label, wrap_response};
 use crate::proxy::target::{AuthPlacement, RelativeTarget};
+use crate::proxy::upstream::{DeadlineBody, read_limited};
 use crate::proxy::{OpError, Outgoing};
 
 /// Largest request body the transparent route buffers (it is kept to retry on another key).
@@ -54,9 +58,12 @@ pub(super) fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(invoke))
         .routes(routes!(call))
         .routes(routes!(proxy_status))
-        .route("/proxy/{pool}/http", axum::routing::any(http_proxy))
-        .route("/proxy/{pool}/http/{*path}", axum::routing::any(http_proxy))
+    // The transparent route is served by its own lane (`super::app`); its OpenAPI entry is here.
 }
+
+/// The transparent route without a path, and with one.
+pub(crate) const HTTP_ROUTE: &str = "/api/v1/proxy/{pool}/http";
+pub(crate) const HTTP_ROUTE_REST: &str = "/api/v1/proxy/{pool}/http/{*path}";
 
 /// The caller of a proxy route: a valid access token of an active account.
 ///
@@ -207,33 +214,11 @@ fn set_retry_after(resp: &mut Response, retry: Option<Duration>) {
 
 fn op_error(e: OpError) -> ProxyError {
     match e {
-        OpError::Http(e) if e.is_timeout() => ProxyError::Timeout(Duration::ZERO),
-        OpError::Http(e) => ProxyError::Upstream(describe(&e)),
+        OpError::Transport(t) if t.is_timeout() => ProxyError::Timeout(Duration::ZERO),
+        OpError::Transport(t) => ProxyError::Upstream(t.to_string()),
         OpError::Target(t) => ProxyError::Api(ApiError::BadRequest(format!("url: {t}"))),
         other => ProxyError::Config(other.to_string()),
     }
-}
-
-/// A transport error in words, without the URL (it may carry a key).
-fn describe(e: &reqwest::Error) -> String {
-    use std::error::Error as _;
-    let mut text = if e.is_connect() {
-        "connection failed".to_owned()
-    } else if e.is_body() || e.is_decode() {
-        "the answer could not be read".to_owned()
-    } else {
-        "request failed".to_owned()
-    };
-    let mut source = e.source();
-    while let Some(s) = source {
-        let s_text = s.to_string();
-        if !s_text.contains("://") {
-            text.push_str(": ");
-            text.push_str(&s_text);
-        }
-        source = s.source();
-    }
-    text
 }
 
 /// Maps what the engine returned into an answer or a [`ProxyError`].
@@ -255,8 +240,8 @@ fn call_error(e: CallError<OpError>, view: &PoolView) -> ProxyError {
 
 fn classify_transport(e: &OpError) -> Outcome {
     match e {
-        OpError::Http(e) if e.is_timeout() => Outcome::Timeout,
-        OpError::Http(_) => Outcome::Failed,
+        OpError::Transport(t) if t.is_timeout() => Outcome::Timeout,
+        OpError::Transport(_) => Outcome::Failed,
         // Configuration problems are not the key's fault: no cooldown, ban or retry.
         _ => Outcome::NotKeyRelated,
     }
@@ -406,26 +391,30 @@ async fn invoke_call(
         body: call.body,
         key_base_first: true,
     };
-    let http = state.engines.http();
+    let upstream = state.engines.upstream();
     let classifier = HttpClassifier::new();
     let classify = |r: &Result<(u16, http::HeaderMap, Bytes), OpError>| match r {
         Ok((s, h, _)) => classifier.classify_parts(*s, h),
         Err(e) => classify_transport(e),
     };
     let (result, key) = run(pool, view, label, classify, |kc| {
-        let built = out.build(http, view, kc.identifier(), &kc.client().load());
+        let built = out.build(view, kc.identifier(), &kc.client().load());
+        // The engine's per-call timeout covers the whole attempt (the body is read inside it).
+        let deadline = Instant::now() + view.timeout;
         async move {
-            let resp = built?.send().await.map_err(OpError::http)?;
-            let status = resp.status().as_u16();
-            let headers = resp.headers().clone();
-            if resp
-                .content_length()
+            let resp = upstream.send(built?, deadline).await?;
+            let (head, body) = resp.into_parts();
+            if body
+                .size_hint()
+                .exact()
                 .is_some_and(|n| n > MAX_INVOKE_RESPONSE as u64)
             {
                 return Err(OpError::TooLarge(MAX_INVOKE_RESPONSE));
             }
-            let body = read_limited(resp, MAX_INVOKE_RESPONSE).await?;
-            Ok((status, headers, body))
+            let body = read_limited(body, MAX_INVOKE_RESPONSE, deadline)
+                .await?
+                .ok_or(OpError::TooLarge(MAX_INVOKE_RESPONSE))?;
+            Ok((head.status.as_u16(), head.headers, body))
         }
     })
     .await;
@@ -438,17 +427,6 @@ async fn invoke_call(
         Err(e) => Err(call_error(e, view)),
     };
     (mapped, key)
-}
-
-async fn read_limited(mut resp: reqwest::Response, limit: usize) -> Result<Bytes, OpError> {
-    let mut buf = bytes::BytesMut::new();
-    while let Some(chunk) = resp.chunk().await.map_err(OpError::http)? {
-        if buf.len() + chunk.len() > limit {
-            return Err(OpError::TooLarge(limit));
-        }
-        buf.extend_from_slice(&chunk);
-    }
-    Ok(buf.freeze())
 }
 
 /// Call the pool's upstream through one of its keys (apipool-ng `dummyclient`).
@@ -662,7 +640,7 @@ fn raw_rest(path: &str) -> &str {
               (status = 422, body = ErrorBody, description = "The pool has no upstream"),
               (status = 429, body = ErrorBody), (status = 502, body = ErrorBody),
               (status = 503, body = ErrorBody), (status = 504, body = ErrorBody)))]
-async fn http_proxy(
+pub(crate) async fn http_proxy(
     State(state): State<AppState>,
     caller: ProxyCaller,
     AppPath(p): AppPath<PoolParam>,
@@ -717,32 +695,43 @@ async fn http_inner(
         key_base_first: false,
     };
     let label: Arc<str> = Arc::from(label(&out.method, out.target.path()));
-    let http = state.engines.http();
+    let upstream = state.engines.upstream();
     let classifier = HttpClassifier::new();
-    let classify = |r: &Result<reqwest::Response, OpError>| match r {
-        Ok(resp) => classifier.classify_parts(resp.status().as_u16(), resp.headers()),
+    let classify = |r: &Result<(http::Response<Incoming>, Instant), OpError>| match r {
+        Ok((resp, _)) => classifier.classify_parts(resp.status().as_u16(), resp.headers()),
         Err(e) => classify_transport(e),
     };
     let (result, _key) = run(&pool, &view, label, classify, |kc| {
-        let built = out.build(http, &view, kc.identifier(), &kc.client().load());
-        async move { built?.send().await.map_err(OpError::http) }
+        let built = out.build(&view, kc.identifier(), &kc.client().load());
+        // The engine's own per-call timeout ends when the head arrives; the answer streams
+        // after it, so the attempt's deadline covers the body too.
+        let deadline = Instant::now() + view.timeout;
+        async move { Ok((upstream.send(built?, deadline).await?, deadline)) }
     })
     .await;
-    let resp = result.map_err(|e| call_error(e, &view))?;
-    let status = resp.status();
-    let headers = forward_response_headers(resp.headers());
+    let (resp, deadline) = result.map_err(|e| call_error(e, &view))?;
+    let (head, body) = resp.into_parts();
     // Small answers of known length go back in one piece (one write, no chunked framing);
     // others stream.
-    let body = match resp.content_length() {
-        Some(n) if n <= BUFFER_RESPONSE_UP_TO => match resp.bytes().await {
-            Ok(b) => Body::from(b),
-            Err(e) => return Err(ProxyError::Upstream(describe(&e.without_url()))),
-        },
-        _ => Body::from_stream(resp.bytes_stream()),
+    let body = match body.size_hint().exact() {
+        Some(n) if n <= BUFFER_RESPONSE_UP_TO => {
+            match read_limited(body, BUFFER_RESPONSE_UP_TO as usize, deadline).await {
+                Ok(Some(b)) => Body::from(b),
+                Ok(None) => {
+                    return Err(ProxyError::Upstream(
+                        "the answer could not be read: it is longer than its Content-Length"
+                            .to_owned(),
+                    ));
+                }
+                Err(e) if e.is_timeout() => return Err(ProxyError::Timeout(view.timeout)),
+                Err(e) => return Err(ProxyError::Upstream(e.to_string())),
+            }
+        }
+        _ => Body::new(DeadlineBody::new(body, deadline)),
     };
     let mut r = Response::new(body);
-    *r.status_mut() = status;
-    *r.headers_mut() = headers;
+    *r.status_mut() = head.status;
+    *r.headers_mut() = forward_response_headers(&head.headers);
     Ok(r)
 }
 

@@ -13,8 +13,8 @@
 //!   (accepted and ignored: the pool's timeout applies, redirects are never followed).
 
 use bytes::Bytes;
+use http::Method;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use reqwest::Method;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use utoipa::ToSchema;

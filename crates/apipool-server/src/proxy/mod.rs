@@ -4,14 +4,16 @@
 //! * [`headers`]: which headers cross the proxy in each direction.
 //! * [`invoke`]: the apipool-ng `invoke` body for the `generic` client and the `httpx.Response` wrap.
 //! * [`Outgoing::build`]: one upstream request for one key (base URL, key injection).
+//! * [`upstream`]: the client that sends it.
 
 pub mod headers;
 pub mod invoke;
 pub mod target;
+pub mod upstream;
 
 use bytes::Bytes;
+use http::Method;
 use http::header::{self, HeaderMap, HeaderValue};
-use reqwest::Method;
 
 use crate::engines::{KeyBaseUrl, KeyMaterial, PoolView, expose};
 use target::{AuthPlacement, RelativeTarget, TargetError};
@@ -21,7 +23,7 @@ use target::{AuthPlacement, RelativeTarget, TargetError};
 pub enum OpError {
     /// Transport error (connection refused, timeout, reset). Its text never carries the URL.
     #[error("{0}")]
-    Http(reqwest::Error),
+    Transport(#[from] upstream::Transport),
     /// Neither the key nor the pool has a base URL.
     #[error(
         "no upstream: set the pool's upstream (PUT /api/v1/pools/{{pool}} with {{\"upstream\": {{\"base_url\": ...}}}}) or client_config.base_url on its keys"
@@ -41,16 +43,14 @@ pub enum OpError {
     /// The key cannot be sent in a header (e.g. it contains a line break).
     #[error("key '{0}' contains characters that cannot be sent in an HTTP header")]
     BadKeyValue(String),
+    /// The joined URL has characters an HTTP request line cannot carry.
+    #[error(
+        "the upstream URL contains characters that cannot be sent in a request line; percent-encode them"
+    )]
+    Unsendable,
     /// The upstream's answer is larger than the proxy buffers for `invoke`.
     #[error("the upstream answer is larger than {0} bytes; use the /http route, which streams")]
     TooLarge(usize),
-}
-
-impl OpError {
-    /// Transport errors with the URL (which may carry a key in its query) removed.
-    pub fn http(e: reqwest::Error) -> Self {
-        Self::Http(e.without_url())
-    }
 }
 
 /// A request to send upstream, before a key and base URL are chosen.
@@ -77,11 +77,10 @@ impl Outgoing {
     /// the key's headers already carry it).
     pub fn build(
         &self,
-        client: &reqwest::Client,
         view: &PoolView,
         key_identifier: &str,
         material: &KeyMaterial,
-    ) -> Result<reqwest::RequestBuilder, OpError> {
+    ) -> Result<http::Request<upstream::OutBody>, OpError> {
         let pool_base = view.upstream.as_ref().map(|u| &u.base_url);
         let base = if self.key_base_first {
             match &material.base_url {
@@ -144,15 +143,13 @@ impl Outgoing {
             }
             AuthPlacement::Query(_) => {}
         }
-        let mut rb = client.request(self.method.clone(), url).headers(headers);
-        if !self.key_base_first {
-            // The transparent route streams large answers after the engine's own per-call
-            // timeout has ended; the request's timeout covers the body too.
-            rb = rb.timeout(view.timeout);
-        }
-        if let Some(b) = &self.body {
-            rb = rb.body(b.clone());
-        }
-        Ok(rb)
+        let uri: http::Uri = url.as_str().parse().map_err(|_| OpError::Unsendable)?;
+        let mut req = http::Request::new(upstream::OutBody::new(
+            self.body.clone().unwrap_or_default(),
+        ));
+        *req.method_mut() = self.method.clone();
+        *req.uri_mut() = uri;
+        *req.headers_mut() = headers;
+        Ok(req)
     }
 }
