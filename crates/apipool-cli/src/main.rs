@@ -7,6 +7,12 @@
 //! commands (tables by default, `--json` for scripts), and run durable batch jobs with
 //! `apipool batch run` (progress, resume, graceful Ctrl-C).
 
+/// mimalloc instead of the system allocator: a proxied request allocates a few hundred small
+/// blocks on and across the runtime's threads, where glibc's allocator spent about a tenth of
+/// the server's CPU time (docs/BENCHMARKS.md, "Proxy").
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod admin;
 mod api;
 mod batch;
