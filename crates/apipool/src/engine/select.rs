@@ -298,6 +298,18 @@ impl Selector {
         }
     }
 
+    /// A candidate the strategy already knows without drawing: round robin's `i`-th queued key,
+    /// least used's `i`-th heap entry (0: the next pick; 1 and 2: the root's children, one of
+    /// which comes after it). `None` for random and weighted (their next picks are drawn) or past
+    /// the end. A key named here may have left the selector (round robin drops it lazily).
+    pub(crate) fn known_candidate(&self, i: usize) -> Option<u32> {
+        match self {
+            Selector::RoundRobin { queue, .. } => queue.get(i).copied(),
+            Selector::LeastUsed { heap, .. } => heap.get(i).map(|&e| heap_slot(e) as u32),
+            Selector::Random { .. } | Selector::Weighted { .. } => None,
+        }
+    }
+
     /// Updates a present key's `least_used` ordering.
     pub(crate) fn touch(&mut self, k: u32, in_flight: u32, last_used: u64) {
         if let Selector::LeastUsed { heap, pos } = self
