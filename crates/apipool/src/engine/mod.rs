@@ -471,6 +471,8 @@ pub(crate) struct Engine {
     /// selector's members change, so a pick drawn ahead is always a draw over the members of the
     /// moment it is taken, as a fresh draw would be; it is assessed like any pick when taken.
     ahead: Ahead,
+    /// Least used: its next picks as of the last read ahead (a hint; [`NO_KEY`]: none).
+    least_next: [u32; RING],
     /// Key slots from which the engine looks ahead ([`AHEAD_FROM`]; tests lower it).
     ahead_from: usize,
     seq: u64,
@@ -566,6 +568,7 @@ impl Engine {
             scope_index: HashMap::new(),
             rng,
             ahead: Ahead::new(),
+            least_next: [NO_KEY; RING],
             ahead_from: AHEAD_FROM,
             seq: 0,
             live: 0,
@@ -900,9 +903,13 @@ impl Engine {
     }
 
     /// The `i`-th candidate from now (0: the next pick), where it is known: drawn ahead (random,
-    /// weighted) or fixed by the strategy (round robin's queue; least used: the heap's top).
-    /// [`NO_KEY`] when not known. A hint for the cache only: every pick is assessed when taken.
+    /// weighted), round robin's queue, least used's smallest heap entries as of the last
+    /// [`Self::look_ahead`]. [`NO_KEY`] when not known. A hint for the cache only: every pick is
+    /// assessed when taken.
     pub(crate) fn upcoming(&self, i: usize) -> u32 {
+        if self.strategy == Strategy::LeastUsed {
+            return self.least_next.get(i).copied().unwrap_or(NO_KEY);
+        }
         self.ahead
             .get(i)
             .or_else(|| self.selector.known_candidate(i))
@@ -919,6 +926,19 @@ impl Engine {
     #[inline]
     pub(crate) fn looks_ahead(&self) -> bool {
         self.slots.len() >= self.ahead_from
+    }
+
+    /// How many picks past the next [`BATCH`] [`Self::look_ahead`] reads the hot slot of (and
+    /// the store the entry of): the next `BATCH` but for round robin, whose next slots and
+    /// entries follow one another in memory and are fetched ahead by the CPU's own prefetcher
+    /// (reading them too measured slower: every read waits for its line).
+    #[inline]
+    pub(crate) fn far_ahead(&self) -> usize {
+        if self.strategy == Strategy::RoundRobin {
+            0
+        } else {
+            BATCH
+        }
     }
 
     /// Reads ahead, in a large pool, the cache lines of the next calls' picks, so that a call
@@ -951,13 +971,20 @@ impl Engine {
                 }
             }
         }
+        if self.strategy == Strategy::LeastUsed {
+            // Its next picks are its smallest heap entries (while nothing changes).
+            let mut next = [NO_KEY; RING];
+            let n = self.selector.least_first(&mut next);
+            self.least_next = next;
+            self.least_next[n..].fill(NO_KEY);
+        }
         let mut x = 0u64;
         for i in 0..BATCH {
             if let Some(s) = self.slots.get(self.upcoming(i) as usize) {
                 x = x.wrapping_add(s.log.next_place());
             }
         }
-        for i in BATCH..2 * BATCH {
+        for i in BATCH..BATCH + self.far_ahead() {
             if let Some(s) = self.slots.get(self.upcoming(i) as usize) {
                 // Both lines of the slot.
                 x = x.wrapping_add(s.until).wrapping_add(u64::from(s.in_flight));

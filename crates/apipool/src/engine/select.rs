@@ -298,16 +298,48 @@ impl Selector {
         }
     }
 
-    /// A candidate the strategy already knows without drawing: round robin's `i`-th queued key,
-    /// least used's `i`-th heap entry (0: the next pick; 1 and 2: the root's children, one of
-    /// which comes after it). `None` for random and weighted (their next picks are drawn) or past
-    /// the end. A key named here may have left the selector (round robin drops it lazily).
+    /// Round robin's `i`-th queued key (0: the next pick), which it knows without drawing; `None`
+    /// for the other strategies or past the end. A key named here may have left the selector
+    /// (round robin drops it lazily).
     pub(crate) fn known_candidate(&self, i: usize) -> Option<u32> {
         match self {
             Selector::RoundRobin { queue, .. } => queue.get(i).copied(),
-            Selector::LeastUsed { heap, .. } => heap.get(i).map(|&e| heap_slot(e) as u32),
-            Selector::Random { .. } | Selector::Weighted { .. } => None,
+            _ => None,
         }
+    }
+
+    /// Least used: the keys of the `out.len()` smallest heap entries, smallest first (the next
+    /// picks while nothing changes), found best-first from the root without changing the heap;
+    /// returns how many were written (0 for the other strategies). A hint for reading ahead.
+    pub(crate) fn least_first(&self, out: &mut [u32]) -> usize {
+        let Selector::LeastUsed { heap, .. } = self else {
+            return 0;
+        };
+        // The frontier: heap positions whose parents were taken (at most one more per entry
+        // taken). Linear scans: it holds at most `out.len() + 1` positions.
+        let mut frontier = [0usize; 2 * crate::engine::BATCH + 2];
+        let mut len = usize::from(!heap.is_empty());
+        let mut n = 0;
+        while n < out.len() && len > 0 {
+            let mut best = 0;
+            for i in 1..len {
+                if heap[frontier[i]] < heap[frontier[best]] {
+                    best = i;
+                }
+            }
+            let at = frontier[best];
+            out[n] = heap_slot(heap[at]) as u32;
+            n += 1;
+            len -= 1;
+            frontier[best] = frontier[len];
+            for child in [2 * at + 1, 2 * at + 2] {
+                if child < heap.len() && len < frontier.len() {
+                    frontier[len] = child;
+                    len += 1;
+                }
+            }
+        }
+        n
     }
 
     /// Updates a present key's `least_used` ordering.
@@ -512,6 +544,37 @@ mod tests {
         assert_eq!(counts[1], 0, "a removed key is never picked");
         assert!((19_000..21_000).contains(&counts[0]), "{counts:?}");
         assert!((59_000..61_000).contains(&counts[2]), "{counts:?}");
+    }
+
+    #[test]
+    fn least_first_lists_the_smallest_heap_entries_in_order() {
+        let mut rng = SmallRng::seed_from_u64(5);
+        for n in [0u32, 1, 2, 5, 17, 300] {
+            let mut s = Selector::new(Strategy::LeastUsed, 0);
+            let mut entries = Vec::new();
+            for k in 0..n {
+                let (in_flight, last_used) =
+                    (rng.random_range(0..3u32), rng.random_range(0..1_000u64));
+                s.insert(k, in_flight, last_used, 1);
+                entries.push(heap_key(in_flight, last_used, k));
+            }
+            entries.sort_unstable();
+            let expected: Vec<u32> = entries
+                .iter()
+                .take(16)
+                .map(|&e| heap_slot(e) as u32)
+                .collect();
+            let mut out = [u32::MAX; 16];
+            let got = s.least_first(&mut out);
+            assert_eq!(&out[..got], &expected[..], "{n} keys");
+            assert_eq!(
+                s.pick(&mut rng),
+                expected.first().copied(),
+                "the first is the next pick"
+            );
+        }
+        let mut out = [0u32; 4];
+        assert_eq!(all(Strategy::Random).least_first(&mut out), 0);
     }
 
     #[test]

@@ -201,7 +201,7 @@ impl Local {
                     x = x.wrapping_add(Arc::strong_count(&p.0));
                 }
             }
-            for i in BATCH..2 * BATCH {
+            for i in BATCH..BATCH + self.engine.far_ahead() {
                 if let Some(p) = entry(i) {
                     x = x.wrapping_add(Arc::as_ptr(&p.0).cast::<()>().addr());
                 }
