@@ -36,10 +36,10 @@ const NO_KEY: u32 = u32::MAX;
 
 /// Calls served by one batch of reads ahead: every `BATCH` calls an engine that looks ahead
 /// reads, at once, the lines the next `2 × BATCH` picks need (see [`Engine::look_ahead`]).
-pub(crate) const BATCH: usize = 8;
+pub(crate) const BATCH: usize = 16;
 
 /// Room for the picks drawn ahead (random, weighted): two batches.
-const RING: usize = 2 * BATCH;
+pub(crate) const RING: usize = 2 * BATCH;
 
 /// Key slots from which an engine looks ahead (draws its next picks early and reads their cache
 /// lines so that they arrive while the current call runs). Below it every key's lines stay in
@@ -260,6 +260,7 @@ impl Ahead {
         self.len += 1;
     }
 
+    #[cfg(test)]
     fn get(&self, i: usize) -> Option<u32> {
         (i < self.len).then(|| self.ring[(self.head + i) % RING])
     }
@@ -471,8 +472,6 @@ pub(crate) struct Engine {
     /// selector's members change, so a pick drawn ahead is always a draw over the members of the
     /// moment it is taken, as a fresh draw would be; it is assessed like any pick when taken.
     ahead: Ahead,
-    /// Least used: its next picks as of the last read ahead (a hint; [`NO_KEY`]: none).
-    least_next: [u32; RING],
     /// Key slots from which the engine looks ahead ([`AHEAD_FROM`]; tests lower it).
     ahead_from: usize,
     seq: u64,
@@ -568,7 +567,6 @@ impl Engine {
             scope_index: HashMap::new(),
             rng,
             ahead: Ahead::new(),
-            least_next: [NO_KEY; RING],
             ahead_from: AHEAD_FROM,
             seq: 0,
             live: 0,
@@ -902,20 +900,6 @@ impl Engine {
         }
     }
 
-    /// The `i`-th candidate from now (0: the next pick), where it is known: drawn ahead (random,
-    /// weighted), round robin's queue, least used's smallest heap entries as of the last
-    /// [`Self::look_ahead`]. [`NO_KEY`] when not known. A hint for the cache only: every pick is
-    /// assessed when taken.
-    pub(crate) fn upcoming(&self, i: usize) -> u32 {
-        if self.strategy == Strategy::LeastUsed {
-            return self.least_next.get(i).copied().unwrap_or(NO_KEY);
-        }
-        self.ahead
-            .get(i)
-            .or_else(|| self.selector.known_candidate(i))
-            .unwrap_or(NO_KEY)
-    }
-
     /// Looks ahead from `n` key slots on (tests: 0, so small pools exercise it).
     #[cfg(test)]
     pub(crate) fn set_ahead_from(&mut self, n: usize) {
@@ -937,6 +921,17 @@ impl Engine {
         if self.strategy == Strategy::RoundRobin {
             0
         } else {
+            self.batch()
+        }
+    }
+
+    /// Calls per batch of reads ahead: [`BATCH`], least used half of it (finding its next picks
+    /// costs it more per pick, and its lines are fewer: half measured faster).
+    #[inline]
+    pub(crate) fn batch(&self) -> usize {
+        if self.strategy == Strategy::LeastUsed {
+            BATCH / 2
+        } else {
             BATCH
         }
     }
@@ -950,11 +945,12 @@ impl Engine {
     /// know them) and reads, all at once so the reads overlap, the log place of the next
     /// `BATCH` picks (their slots were read by the batch before) and both lines of the hot slot
     /// of the `BATCH` after those. One wait for memory per `BATCH` calls instead of several per
-    /// call. Returns `None` when this call reads nothing, or what it read, for the caller to add
-    /// its own reads of the same picks (the store: their entries) and hand to `black_box`.
-    /// Nothing observable is written.
+    /// call. Returns `None` when this call reads nothing, or what it read and the next picks
+    /// it read for ([`NO_KEY`]: not known), for the caller to add its own reads of the same
+    /// picks (the store: their entries) and hand all to `black_box`. The picks are a hint for
+    /// the cache only: every pick is assessed when taken. Nothing observable is written.
     #[inline]
-    pub(crate) fn look_ahead(&mut self) -> Option<u64> {
+    pub(crate) fn look_ahead(&mut self) -> Option<(u64, [u32; RING])> {
         if !self.looks_ahead() {
             return None;
         }
@@ -962,35 +958,40 @@ impl Engine {
             self.ahead.due -= 1;
             return None;
         }
-        self.ahead.due = BATCH - 1;
-        if matches!(self.strategy, Strategy::Random | Strategy::Weighted) {
-            while self.ahead.len < RING {
-                match self.selector.pick(&mut self.rng) {
-                    Some(k) => self.ahead.push(k),
-                    None => break,
+        let batch = self.batch();
+        self.ahead.due = batch - 1;
+        // The next picks, as far as known ([`NO_KEY`]: not known).
+        let mut next = [NO_KEY; RING];
+        match self.strategy {
+            Strategy::Random | Strategy::Weighted => {
+                while self.ahead.len < RING {
+                    match self.selector.pick(&mut self.rng) {
+                        Some(k) => self.ahead.push(k),
+                        None => break,
+                    }
+                }
+                for (i, k) in next.iter_mut().enumerate().take(self.ahead.len) {
+                    *k = self.ahead.ring[(self.ahead.head + i) % RING];
                 }
             }
-        }
-        if self.strategy == Strategy::LeastUsed {
-            // Its next picks are its smallest heap entries (while nothing changes).
-            let mut next = [NO_KEY; RING];
-            let n = self.selector.least_first(&mut next);
-            self.least_next = next;
-            self.least_next[n..].fill(NO_KEY);
+            // Its queue, and its smallest heap entries: the next picks while nothing changes.
+            Strategy::RoundRobin | Strategy::LeastUsed => {
+                self.selector.next_known(&mut next[..2 * batch]);
+            }
         }
         let mut x = 0u64;
-        for i in 0..BATCH {
-            if let Some(s) = self.slots.get(self.upcoming(i) as usize) {
+        for &k in &next[..batch] {
+            if let Some(s) = self.slots.get(k as usize) {
                 x = x.wrapping_add(s.log.next_place());
             }
         }
-        for i in BATCH..BATCH + self.far_ahead() {
-            if let Some(s) = self.slots.get(self.upcoming(i) as usize) {
+        for &k in &next[batch..batch + self.far_ahead()] {
+            if let Some(s) = self.slots.get(k as usize) {
                 // Both lines of the slot.
                 x = x.wrapping_add(s.until).wrapping_add(u64::from(s.in_flight));
             }
         }
-        Some(x)
+        Some((x, next))
     }
 
     #[inline]

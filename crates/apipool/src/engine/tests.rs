@@ -769,9 +769,9 @@ fn keys_drawn_ahead_then_disabled_or_removed_are_never_granted() {
             "{strategy:?}: the next picks are drawn"
         );
         // The next two picks drawn (distinct ones: draw until two differ).
-        let gone = e.upcoming(0);
+        let gone = e.ahead.get(0).expect("drawn");
         let off = (0..RING)
-            .map(|i| e.upcoming(i))
+            .filter_map(|i| e.ahead.get(i))
             .find(|&k| k != gone)
             .expect("16 draws over 6 keys differ");
         e.remove_key(gone);

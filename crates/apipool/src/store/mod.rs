@@ -9,7 +9,7 @@
 pub(crate) mod redis;
 
 use crate::config::{RateLimit, Strategy};
-use crate::engine::{Acquire, ArchiveReason, BATCH, Engine, KeyReport, LeaseToken, Settings};
+use crate::engine::{Acquire, ArchiveReason, Engine, KeyReport, LeaseToken, Settings};
 use crate::error::Error;
 use crate::outcome::Outcome;
 use parking_lot::{MappedMutexGuard, Mutex, MutexGuard};
@@ -189,26 +189,32 @@ impl Local {
     /// next calls need (`Engine::look_ahead`, and here the entry of the pick after next and the
     /// reference count of the next pick's entry, which its lease will clone). Every read is
     /// issued before the acquire's work, so they overlap it and each other.
+    #[inline]
     fn acquire(&mut self, now: Instant, avoid: &[u32], fall_back: bool) -> Acquire {
-        if let Some(x) = self.engine.look_ahead() {
+        if self.engine.looks_ahead() {
+            self.look_ahead();
+        }
+        self.engine.acquire_with(now, avoid, fall_back)
+    }
+
+    /// The reads ahead of a large pool (kept out of line: small pools never make them).
+    #[inline(never)]
+    fn look_ahead(&mut self) {
+        if let Some((x, next)) = self.engine.look_ahead() {
             let mut x = x as usize;
-            let entry = |i: usize| match self.entries.get(self.engine.upcoming(i) as usize) {
-                Some(Some(p)) => Some(p),
-                _ => None,
-            };
-            for i in 0..BATCH {
-                if let Some(p) = entry(i) {
+            let batch = self.engine.batch();
+            for &k in &next[..batch] {
+                if let Some(Some(p)) = self.entries.get(k as usize) {
                     x = x.wrapping_add(Arc::strong_count(&p.0));
                 }
             }
-            for i in BATCH..BATCH + self.engine.far_ahead() {
-                if let Some(p) = entry(i) {
+            for &k in &next[batch..batch + self.engine.far_ahead()] {
+                if let Some(Some(p)) = self.entries.get(k as usize) {
                     x = x.wrapping_add(Arc::as_ptr(&p.0).cast::<()>().addr());
                 }
             }
             std::hint::black_box(x);
         }
-        self.engine.acquire_with(now, avoid, fall_back)
     }
 }
 
