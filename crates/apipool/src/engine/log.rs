@@ -28,6 +28,15 @@ impl Log {
         self.buf[(self.head as usize + i) & (self.buf.len() - 1)]
     }
 
+    /// The time in the place the next in-order [`Self::push`] writes (0 when nothing is
+    /// allocated). Read only to bring that place into the cache ahead of the push.
+    pub(super) fn next_place(&self) -> Tick {
+        match self.buf.len() {
+            0 => 0,
+            n => self.buf[(self.head as usize + self.len()) & (n - 1)],
+        }
+    }
+
     #[cfg(test)]
     pub(super) fn to_vec(&self) -> Vec<Tick> {
         (0..self.len()).map(|i| self.get(i)).collect()

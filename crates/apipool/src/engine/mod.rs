@@ -31,6 +31,21 @@ const NO_SCOPE: u32 = u32::MAX;
 /// Entries kept per key while learning a limit that nobody configured.
 const LEARN_LOG_CAP: usize = 512;
 
+/// "No key" in the picks drawn ahead.
+const NO_KEY: u32 = u32::MAX;
+
+/// Calls served by one batch of reads ahead: every `BATCH` calls an engine that looks ahead
+/// reads, at once, the lines the next `2 × BATCH` picks need (see [`Engine::look_ahead`]).
+pub(crate) const BATCH: usize = 16;
+
+/// Room for the picks drawn ahead (random, weighted): two batches.
+pub(crate) const RING: usize = 2 * BATCH;
+
+/// Key slots from which an engine looks ahead (draws its next picks early and reads their cache
+/// lines so that they arrive while the current call runs). Below it every key's lines stay in
+/// the cache anyway: 1,024 hot slots are 128 KiB.
+const AHEAD_FROM: usize = 1024;
+
 /// Tunables the engine enforces (built from [`crate::PoolConfig`] and the builder).
 #[derive(Debug, Clone)]
 pub(crate) struct Settings {
@@ -202,6 +217,53 @@ enum Tag {
     Banned,
     Archived,
     Disabled,
+}
+
+/// Picks drawn ahead, oldest first (random and weighted; see [`Engine::look_ahead`]).
+#[derive(Debug)]
+struct Ahead {
+    ring: [u32; RING],
+    head: usize,
+    len: usize,
+    /// Calls left before the next batch of reads ahead (0: the next call reads).
+    due: usize,
+}
+
+impl Ahead {
+    const fn new() -> Self {
+        Self {
+            ring: [0; RING],
+            head: 0,
+            len: 0,
+            due: 0,
+        }
+    }
+
+    /// Drops every pick drawn ahead; the next call reads ahead again.
+    fn clear(&mut self) {
+        self.len = 0;
+        self.due = 0;
+    }
+
+    fn pop(&mut self) -> Option<u32> {
+        if self.len == 0 {
+            return None;
+        }
+        let k = self.ring[self.head];
+        self.head = (self.head + 1) % RING;
+        self.len -= 1;
+        Some(k)
+    }
+
+    fn push(&mut self, k: u32) {
+        self.ring[(self.head + self.len) % RING] = k;
+        self.len += 1;
+    }
+
+    #[cfg(test)]
+    fn get(&self, i: usize) -> Option<u32> {
+        (i < self.len).then(|| self.ring[(self.head + i) % RING])
+    }
 }
 
 /// Everything one acquire + report reads or writes on a key, packed in two cache lines
@@ -406,6 +468,12 @@ pub(crate) struct Engine {
     scopes: Vec<Scope>,
     scope_index: HashMap<Arc<str>, u32>,
     rng: SmallRng,
+    /// Random and weighted: the next picks, drawn ahead in draw order. Cleared whenever the
+    /// selector's members change, so a pick drawn ahead is always a draw over the members of the
+    /// moment it is taken, as a fresh draw would be; it is assessed like any pick when taken.
+    ahead: Ahead,
+    /// Key slots from which the engine looks ahead ([`AHEAD_FROM`]; tests lower it).
+    ahead_from: usize,
     seq: u64,
     live: usize,
     /// The weights of the live keys, summed (a sharded store picks a shard by it).
@@ -498,6 +566,8 @@ impl Engine {
             scopes: Vec::new(),
             scope_index: HashMap::new(),
             rng,
+            ahead: Ahead::new(),
+            ahead_from: AHEAD_FROM,
             seq: 0,
             live: 0,
             total_weight: 0,
@@ -633,6 +703,7 @@ impl Engine {
             .filter(|&k| self.selector.contains(k))
             .collect();
         self.strategy = strategy;
+        self.ahead.clear();
         self.selector = Selector::new(strategy, self.slots.len());
         for k in members {
             self.sel_insert(k);
@@ -656,6 +727,7 @@ impl Engine {
     fn sel_insert(&mut self, k: u32) {
         let s = &mut self.slots[k as usize];
         if s.live && matches!(s.tag, Tag::Active | Tag::Cooling | Tag::Banned) {
+            self.ahead.clear();
             s.listed = true;
             let weight = self.cold[k as usize].weight;
             self.selector.insert(k, s.in_flight, s.last_used, weight);
@@ -663,6 +735,7 @@ impl Engine {
     }
 
     fn sel_remove(&mut self, k: u32) {
+        self.ahead.clear();
         self.selector.remove(k);
         self.slots[k as usize].listed = false;
     }
@@ -818,10 +891,113 @@ impl Engine {
         }
     }
 
+    /// The next candidate: the oldest pick drawn ahead, or a fresh draw.
+    #[inline]
+    fn candidate(&mut self) -> Option<u32> {
+        match self.ahead.pop() {
+            Some(k) => Some(k),
+            None => self.selector.pick(&mut self.rng),
+        }
+    }
+
+    /// Looks ahead from `n` key slots on (tests: 0, so small pools exercise it).
+    #[cfg(test)]
+    pub(crate) fn set_ahead_from(&mut self, n: usize) {
+        self.ahead_from = n;
+    }
+
+    /// Whether the engine looks ahead: a pool too large for its keys' lines to stay in the cache.
+    #[inline]
+    pub(crate) fn looks_ahead(&self) -> bool {
+        self.slots.len() >= self.ahead_from
+    }
+
+    /// How many picks past the next [`BATCH`] [`Self::look_ahead`] reads the hot slot of (and
+    /// the store the entry of): the next `BATCH` but for round robin, whose next slots and
+    /// entries follow one another in memory and are fetched ahead by the CPU's own prefetcher
+    /// (reading them too measured slower: every read waits for its line).
+    #[inline]
+    pub(crate) fn far_ahead(&self) -> usize {
+        if self.strategy == Strategy::RoundRobin {
+            0
+        } else {
+            self.batch()
+        }
+    }
+
+    /// Calls per batch of reads ahead: [`BATCH`], least used half of it (finding its next picks
+    /// costs it more per pick, and its lines are fewer: half measured faster).
+    #[inline]
+    pub(crate) fn batch(&self) -> usize {
+        if self.strategy == Strategy::LeastUsed {
+            BATCH / 2
+        } else {
+            BATCH
+        }
+    }
+
+    /// Reads ahead, in a large pool, the cache lines of the next calls' picks, so that a call
+    /// finds its key's lines in the cache instead of fetching them one after another (each
+    /// depends on the one before: slot, then log). Plain reads cannot prefetch without stalling
+    /// (the CPU retires a read only once its line has come, ~150–200 ns from memory here), so
+    /// they are batched: every [`BATCH`] calls, one call draws the next picks ahead (random and
+    /// weighted: the draws the next calls would make, only earlier; round robin and least used
+    /// know them) and reads, all at once so the reads overlap, the log place of the next
+    /// `BATCH` picks (their slots were read by the batch before) and both lines of the hot slot
+    /// of the `BATCH` after those. One wait for memory per `BATCH` calls instead of several per
+    /// call. Returns `None` when this call reads nothing, or what it read and the next picks
+    /// it read for ([`NO_KEY`]: not known), for the caller to add its own reads of the same
+    /// picks (the store: their entries) and hand all to `black_box`. The picks are a hint for
+    /// the cache only: every pick is assessed when taken. Nothing observable is written.
+    #[inline]
+    pub(crate) fn look_ahead(&mut self) -> Option<(u64, [u32; RING])> {
+        if !self.looks_ahead() {
+            return None;
+        }
+        if self.ahead.due > 0 {
+            self.ahead.due -= 1;
+            return None;
+        }
+        let batch = self.batch();
+        self.ahead.due = batch - 1;
+        // The next picks, as far as known ([`NO_KEY`]: not known).
+        let mut next = [NO_KEY; RING];
+        match self.strategy {
+            Strategy::Random | Strategy::Weighted => {
+                while self.ahead.len < RING {
+                    match self.selector.pick(&mut self.rng) {
+                        Some(k) => self.ahead.push(k),
+                        None => break,
+                    }
+                }
+                for (i, k) in next.iter_mut().enumerate().take(self.ahead.len) {
+                    *k = self.ahead.ring[(self.ahead.head + i) % RING];
+                }
+            }
+            // Its queue, and its smallest heap entries: the next picks while nothing changes.
+            Strategy::RoundRobin | Strategy::LeastUsed => {
+                self.selector.next_known(&mut next[..2 * batch]);
+            }
+        }
+        let mut x = 0u64;
+        for &k in &next[..batch] {
+            if let Some(s) = self.slots.get(k as usize) {
+                x = x.wrapping_add(s.log.next_place());
+            }
+        }
+        for &k in &next[batch..batch + self.far_ahead()] {
+            if let Some(s) = self.slots.get(k as usize) {
+                // Both lines of the slot.
+                x = x.wrapping_add(s.until).wrapping_add(u64::from(s.in_flight));
+            }
+        }
+        Some((x, next))
+    }
+
     #[inline]
     fn pick(&mut self, now: Tick) -> Option<u32> {
         loop {
-            let k = self.selector.pick(&mut self.rng)?;
+            let k = self.candidate()?;
             match self.assess(k, now) {
                 Avail::Ok => {
                     self.refresh(k, now);
@@ -849,6 +1025,7 @@ impl Engine {
 
     /// Grants a lease on a free key, preferring keys not in `avoid` (used by retries so a retry lands
     /// on a different key). Falls back to an avoided key rather than wait when it is the only one free.
+    #[cfg(test)]
     pub(crate) fn acquire(&mut self, now: Instant, avoid: &[u32]) -> Acquire {
         self.acquire_with(now, avoid, true)
     }

@@ -658,3 +658,161 @@ fn keys_without_limits_keep_no_log_and_limited_keys_keep_one_window() {
     assert_eq!(e.slots[0].log.len(), 5);
     assert_eq!(e.slots[0].log.capacity(), 8);
 }
+
+/// Pearson's chi-square of `counts` against `expected` shares (summing to 1).
+fn chi_square(counts: &[u64], expected: &[f64]) -> f64 {
+    let n = counts.iter().sum::<u64>() as f64;
+    counts
+        .iter()
+        .zip(expected)
+        .map(|(&c, &p)| n.mul_add(-p, c as f64).powi(2) / (n * p))
+        .sum()
+}
+
+/// An engine that looks ahead whatever its size.
+fn grant_ahead(e: &mut Engine, now: Instant) -> LeaseToken {
+    let _ = e.look_ahead();
+    grant(e, now)
+}
+
+fn ahead_engine(strategy: Strategy, settings: Settings, weights: &[u32], o: Instant) -> Engine {
+    let mut e = Engine::new(settings, strategy, Some(42), o);
+    e.set_ahead_from(0);
+    for (i, &w) in weights.iter().enumerate() {
+        e.add_key(Arc::from(format!("k{i}")), w, None, o);
+    }
+    e
+}
+
+#[test]
+fn picks_drawn_ahead_keep_random_and_weighted_distributions() {
+    let o = t0();
+    for (strategy, weights) in [
+        (Strategy::Random, vec![1u32; 7]),
+        (Strategy::Weighted, vec![1, 1, 1, 1]),
+        (Strategy::Weighted, vec![1, 2, 3, 10]),
+        (Strategy::Weighted, vec![1, 99]),
+    ] {
+        let mut e = ahead_engine(strategy, Settings::default(), &weights, o);
+        let mut counts = vec![0u64; weights.len()];
+        for i in 0..80_000 {
+            let read = e.look_ahead().is_some();
+            assert_eq!(
+                read,
+                i % BATCH == 0,
+                "{strategy:?}: reads ahead every BATCH calls"
+            );
+            if read {
+                assert_eq!(e.ahead.len, RING, "{strategy:?}: the next picks are drawn");
+            }
+            let t = grant(&mut e, o);
+            counts[t.idx as usize] += 1;
+            e.report(t, Some(Outcome::Success), o);
+        }
+        let total: u32 = weights.iter().sum();
+        let expected: Vec<f64> = weights
+            .iter()
+            .map(|&w| f64::from(w) / f64::from(total))
+            .collect();
+        let chi = chi_square(&counts, &expected);
+        // At most 6 degrees of freedom: P(chi² > 30) < 1e-4.
+        assert!(
+            chi < 30.0,
+            "{strategy:?} {weights:?}: chi² {chi}, counts {counts:?}"
+        );
+    }
+}
+
+#[test]
+fn a_pick_drawn_ahead_is_assessed_when_taken() {
+    // One call in flight per key: a key drawn ahead (possibly twice) that is taken by then must
+    // not be granted again; every key is granted once, then the engine waits for a release.
+    let one = Settings {
+        max_in_flight: 1,
+        ..Settings::default()
+    };
+    for strategy in [
+        Strategy::Random,
+        Strategy::Weighted,
+        Strategy::RoundRobin,
+        Strategy::LeastUsed,
+    ] {
+        let o = t0();
+        let mut e = ahead_engine(strategy, one.clone(), &[1, 2, 1, 3], o);
+        for round in 0..50 {
+            let mut held: Vec<LeaseToken> = (0..4).map(|_| grant_ahead(&mut e, o)).collect();
+            let mut keys: Vec<u32> = held.iter().map(|t| t.idx).collect();
+            keys.sort_unstable();
+            assert_eq!(keys, vec![0, 1, 2, 3], "{strategy:?} round {round}");
+            assert_eq!(
+                e.acquire(o, &[]),
+                Acquire::Wait { until: None },
+                "{strategy:?}"
+            );
+            for t in held.drain(..) {
+                e.report(t, Some(Outcome::Success), o);
+            }
+        }
+    }
+}
+
+#[test]
+fn keys_drawn_ahead_then_disabled_or_removed_are_never_granted() {
+    let o = t0();
+    for strategy in [Strategy::Random, Strategy::Weighted] {
+        let mut e = ahead_engine(strategy, Settings::default(), &[1; 6], o);
+        let t = grant_ahead(&mut e, o);
+        e.report(t, Some(Outcome::Success), o);
+        assert_eq!(
+            e.ahead.len,
+            RING - 1,
+            "{strategy:?}: the next picks are drawn"
+        );
+        // The next two picks drawn (distinct ones: draw until two differ).
+        let gone = e.ahead.get(0).expect("drawn");
+        let off = (0..RING)
+            .filter_map(|i| e.ahead.get(i))
+            .find(|&k| k != gone)
+            .expect("16 draws over 6 keys differ");
+        e.remove_key(gone);
+        e.disable(off);
+        assert_eq!(e.ahead.len, 0, "{strategy:?}: the draws ahead are dropped");
+        for _ in 0..2_000 {
+            let t = grant_ahead(&mut e, o);
+            assert!(
+                t.idx != gone && t.idx != off,
+                "{strategy:?}: granted {}",
+                t.idx
+            );
+            e.report(t, Some(Outcome::Success), o);
+        }
+    }
+}
+
+#[test]
+fn a_key_added_after_the_draw_ahead_is_picked_at_once() {
+    // The draws ahead are dropped when the members change: a new key is in the very next draw.
+    let o = t0();
+    let mut e = ahead_engine(Strategy::Random, Settings::default(), &[1], o);
+    for _ in 0..10 {
+        let t = grant_ahead(&mut e, o);
+        e.report(t, Some(Outcome::Success), o);
+    }
+    assert!(e.ahead.len > 0);
+    e.add_key(Arc::from("new"), 1, None, o);
+    assert_eq!(
+        e.ahead.len, 0,
+        "the draws ahead are dropped when a key joins"
+    );
+    let picks: Vec<u32> = (0..64)
+        .map(|_| {
+            let t = grant_ahead(&mut e, o);
+            e.report(t, Some(Outcome::Success), o);
+            t.idx
+        })
+        .collect();
+    // Before the change every pick drawn ahead was key 0: kept, they would have held the new
+    // key back for up to 16 picks.
+    assert!(picks.iter().take(8).any(|&k| k == 1), "{picks:?}");
+    assert!(picks.iter().filter(|&&k| k == 1).count() > 16, "{picks:?}");
+}

@@ -184,6 +184,38 @@ impl Local {
             _ => Grant::Granted(token),
         }
     }
+
+    /// The engine's [`Engine::acquire_with`], in a large pool after reading ahead the lines the
+    /// next calls need (`Engine::look_ahead`, and here the entry of the pick after next and the
+    /// reference count of the next pick's entry, which its lease will clone). Every read is
+    /// issued before the acquire's work, so they overlap it and each other.
+    #[inline]
+    fn acquire(&mut self, now: Instant, avoid: &[u32], fall_back: bool) -> Acquire {
+        if self.engine.looks_ahead() {
+            self.look_ahead();
+        }
+        self.engine.acquire_with(now, avoid, fall_back)
+    }
+
+    /// The reads ahead of a large pool (kept out of line: small pools never make them).
+    #[inline(never)]
+    fn look_ahead(&mut self) {
+        if let Some((x, next)) = self.engine.look_ahead() {
+            let mut x = x as usize;
+            let batch = self.engine.batch();
+            for &k in &next[..batch] {
+                if let Some(Some(p)) = self.entries.get(k as usize) {
+                    x = x.wrapping_add(Arc::strong_count(&p.0));
+                }
+            }
+            for &k in &next[batch..batch + self.engine.far_ahead()] {
+                if let Some(Some(p)) = self.entries.get(k as usize) {
+                    x = x.wrapping_add(Arc::as_ptr(&p.0).cast::<()>().addr());
+                }
+            }
+            std::hint::black_box(x);
+        }
+    }
 }
 
 /// What a shard holds, published for lock-free shard choice (written under the shard's lock on
@@ -422,7 +454,7 @@ impl MemoryStore {
 
     /// Asks the shards in turn from `start` (contended ones last) until one grants; folds their
     /// refusals otherwise. `ask(shard, engine)`; shards with no key are skipped.
-    fn sweep(&self, start: usize, mut ask: impl FnMut(usize, &mut Engine) -> Acquire) -> Grant {
+    fn sweep(&self, start: usize, mut ask: impl FnMut(usize, &mut Local) -> Acquire) -> Grant {
         let n = self.shards.len();
         let mut refusals = Refusals::default();
         let mut contended = 0u32;
@@ -440,7 +472,7 @@ impl MemoryStore {
                 contended |= 1 << shard;
                 continue;
             };
-            match ask(shard, &mut l.engine) {
+            match ask(shard, &mut l) {
                 Acquire::Granted(t) => {
                     if contended & (1 << start) != 0 {
                         let home = self.home_shard();
@@ -466,7 +498,7 @@ impl MemoryStore {
                 continue;
             }
             let mut l = self.shards[shard].state.lock();
-            match ask(shard, &mut l.engine) {
+            match ask(shard, &mut l) {
                 Acquire::Granted(t) => return l.grant(t, shard, n),
                 refused => refusals.add(refused),
             }
@@ -527,7 +559,7 @@ impl KeyStateStore for MemoryStore {
         let n = self.shards.len();
         if n == 1 {
             let mut l = self.shards[0].state.lock();
-            return match l.engine.acquire(now, avoid) {
+            return match l.acquire(now, avoid, true) {
                 Acquire::Granted(t) => l.grant(t, 0, 1),
                 refused => {
                     let mut r = Refusals::default();
@@ -542,7 +574,7 @@ impl KeyStateStore for MemoryStore {
             if owner == me && left > 0 && shard < n {
                 STICKY.set((me, shard, left - 1));
                 if let Some(mut l) = self.shards[shard].state.try_lock()
-                    && let Acquire::Granted(t) = l.engine.acquire(now, &[])
+                    && let Acquire::Granted(t) = l.acquire(now, &[], true)
                 {
                     return l.grant(t, shard, n);
                 }
@@ -553,19 +585,19 @@ impl KeyStateStore for MemoryStore {
             // First a key no shard was told to avoid, then (as one engine does) an avoided key
             // rather than wait.
             let mut local = Vec::with_capacity(avoid.len());
-            let strict = self.sweep(start, |shard, e| {
+            let strict = self.sweep(start, |shard, l| {
                 local.clear();
                 local.extend(avoid.iter().filter_map(|&g| {
                     let (s, l) = self.locate(g);
                     (s == shard).then_some(l)
                 }));
-                e.acquire_with(now, &local, false)
+                l.acquire(now, &local, false)
             });
             if let Grant::Granted(_) | Grant::GrantedWith(..) = strict {
                 return strict;
             }
         }
-        self.sweep(start, |_, e| e.acquire(now, &[]))
+        self.sweep(start, |_, l| l.acquire(now, &[], true))
     }
 
     fn report(&self, token: Token, outcome: Option<Outcome>, now: Instant) {
@@ -733,6 +765,43 @@ mod tests {
         let chi = chi_square(&counts, &[1.0 / 7.0; 7]);
         // 6 degrees of freedom: P(chi² > 30) < 1e-4; a shard-uniform pick scores in the thousands.
         assert!(chi < 30.0, "chi² {chi}, counts {counts:?}");
+    }
+
+    #[test]
+    fn reading_ahead_keeps_the_distribution_and_grants_each_key_with_its_own_entry() {
+        // Engines that look ahead whatever their size, with entries attached (the store reads
+        // them ahead too): random stays uniform, weighted follows the weights, and every grant
+        // carries its own key's entry.
+        for (strategy, weights) in [
+            (Strategy::Random, vec![1u32; 7]),
+            (Strategy::Weighted, vec![1, 2, 3, 10]),
+            (Strategy::RoundRobin, vec![1u32; 7]),
+        ] {
+            let keys: Vec<(u32, Option<&str>)> = weights.iter().map(|&w| (w, None)).collect();
+            let (s, t0) = store(3, strategy, Settings::default(), &keys);
+            s.each(|_, e| e.set_ahead_from(0));
+            for slot in 0..keys.len() as u32 {
+                s.attach(slot, Payload(Arc::new(slot)));
+            }
+            let mut counts = vec![0u64; keys.len()];
+            for _ in 0..70_000 {
+                let Grant::GrantedWith(t, p) = s.acquire(t0, &[]) else {
+                    panic!("{strategy:?}: expected a grant with its entry");
+                };
+                assert_eq!(p.0.downcast_ref::<u32>(), Some(&t.idx), "{strategy:?}");
+                counts[t.idx as usize] += 1;
+                s.report(t, Some(Outcome::Success), t0);
+            }
+            let total: u32 = weights.iter().sum();
+            let expected: Vec<f64> = weights
+                .iter()
+                .map(|&w| f64::from(w) / f64::from(total))
+                .collect();
+            let chi = chi_square(&counts, &expected);
+            // At most 6 degrees of freedom: P(chi² > 30) < 1e-4.
+            assert!(chi < 30.0, "{strategy:?}: chi² {chi}, counts {counts:?}");
+            assert_eq!(s.in_flight(), 0);
+        }
     }
 
     #[test]
