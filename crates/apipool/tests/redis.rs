@@ -89,6 +89,9 @@ fn two_pools_on_one_prefix_share_the_limit_window() {
         "{wait:?}"
     );
     assert_eq!(a.available_count(), 0);
+    // Each pool's reports go to Redis from its own thread, and a pool waits only for its own
+    // before reading: make b's visible first (without this the count raced under load).
+    b.explain(ABC[0]).unwrap();
     let report = a.explain(ABC[0]).unwrap();
     assert_eq!(report.calls, 4, "calls are counted fleet-wide");
     assert_eq!(report.successes, 4);

@@ -913,24 +913,14 @@ impl Engine {
     }
 
     /// How many picks past the next [`BATCH`] [`Self::look_ahead`] reads the hot slot of (and
-    /// the store the entry of): the next `BATCH` but for round robin, whose next slots and
-    /// entries follow one another in memory and are fetched ahead by the CPU's own prefetcher
-    /// (reading them too measured slower: every read waits for its line).
+    /// the store the entry of): the next `BATCH` but for round robin and least used, whose next
+    /// slots and entries follow one another in memory (least used serves idle keys in the order
+    /// of their last use, which soon is the order round robin keeps) and are fetched ahead by the
+    /// CPU's own prefetcher (reading them too measured slower: every read waits for its line).
     #[inline]
     pub(crate) fn far_ahead(&self) -> usize {
-        if self.strategy == Strategy::RoundRobin {
+        if matches!(self.strategy, Strategy::RoundRobin | Strategy::LeastUsed) {
             0
-        } else {
-            self.batch()
-        }
-    }
-
-    /// Calls per batch of reads ahead: [`BATCH`], least used half of it (finding its next picks
-    /// costs it more per pick, and its lines are fewer: half measured faster).
-    #[inline]
-    pub(crate) fn batch(&self) -> usize {
-        if self.strategy == Strategy::LeastUsed {
-            BATCH / 2
         } else {
             BATCH
         }
@@ -958,7 +948,7 @@ impl Engine {
             self.ahead.due -= 1;
             return None;
         }
-        let batch = self.batch();
+        let batch = BATCH;
         self.ahead.due = batch - 1;
         // The next picks, as far as known ([`NO_KEY`]: not known).
         let mut next = [NO_KEY; RING];
@@ -974,7 +964,7 @@ impl Engine {
                     *k = self.ahead.ring[(self.ahead.head + i) % RING];
                 }
             }
-            // Its queue, and its smallest heap entries: the next picks while nothing changes.
+            // Its queue, and its smallest entries: the next picks while nothing changes.
             Strategy::RoundRobin | Strategy::LeastUsed => {
                 self.selector.next_known(&mut next[..2 * batch]);
             }

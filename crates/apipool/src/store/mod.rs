@@ -202,7 +202,7 @@ impl Local {
     fn look_ahead(&mut self) {
         if let Some((x, next)) = self.engine.look_ahead() {
             let mut x = x as usize;
-            let batch = self.engine.batch();
+            let batch = crate::engine::BATCH;
             for &k in &next[..batch] {
                 if let Some(Some(p)) = self.entries.get(k as usize) {
                     x = x.wrapping_add(Arc::strong_count(&p.0));
