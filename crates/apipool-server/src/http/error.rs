@@ -156,6 +156,14 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// The body length a request announces in `Content-Length`, if any (and readable).
+pub(crate) fn announced_length(headers: &http::HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+}
+
 impl From<JsonRejection> for ApiError {
     fn from(r: JsonRejection) -> Self {
         match r {

@@ -22,7 +22,7 @@ use std::time::Instant;
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
 use axum::middleware::{self, Next};
-use axum::response::Response;
+use axum::response::{IntoResponse as _, Response};
 use tower_http::request_id::{
     MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
 };
@@ -157,12 +157,49 @@ pub fn app(state: AppState) -> Router {
         .route_layer(middleware::from_fn(track_metrics))
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
-        .layer(DefaultBodyLimit::max(2 * 1024 * 1024))
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(middleware::from_fn(refuse_oversized))
         .layer(TraceLayer::new_for_http().make_span_with(request_span))
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(SetRequestIdLayer::x_request_id(FastRequestId))
         .with_state(state)
         .merge(proxy_lane)
+}
+
+/// The largest request body the general routes read (the proxy lane has its own limit).
+const BODY_LIMIT: usize = 2 * 1024 * 1024;
+
+/// Bodies announced larger than [`BODY_LIMIT`] get a 413 at once; the body is read and dropped
+/// first (see [`discard_body`]) so that a client still sending it reads the answer.
+async fn refuse_oversized(req: Request, next: Next) -> Response {
+    let announced = error::announced_length(req.headers());
+    if announced.is_some_and(|n| n > BODY_LIMIT as u64) {
+        discard_body(req.into_body(), announced).await;
+        return error::ApiError::PayloadTooLarge(format!(
+            "request body larger than {} MiB",
+            BODY_LIMIT >> 20
+        ))
+        .into_response();
+    }
+    next.run(req).await
+}
+
+/// Before refusing a body that is too large: reads it and drops it, when it is announced at no
+/// more than 32 MiB, for at most 5 s. A server that answers and closes while the client is still
+/// sending makes the client's next write fail (a broken pipe or reset) before it reads the
+/// answer; reading the rest first lets it see the 413 and its `detail`. Larger or slower bodies
+/// are cut off (the connection closes after the answer).
+pub(crate) async fn discard_body(body: axum::body::Body, announced: Option<u64>) {
+    use http_body_util::BodyExt as _;
+    const LINGER_BYTES: u64 = 32 * 1024 * 1024;
+    if announced.is_none_or(|n| n > LINGER_BYTES) {
+        return;
+    }
+    let drain = async {
+        let mut body = body;
+        while let Some(Ok(_)) = body.frame().await {}
+    };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), drain).await;
 }
 
 /// The span of one request. Path only: query strings are not logged.

@@ -674,13 +674,9 @@ async fn http_inner(
     };
     let target = RelativeTarget::parse(&target_text)
         .map_err(|e| ApiError::BadRequest(format!("path: {e}")))?;
-    if parts
-        .headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
-        .is_some_and(|n| n > MAX_REQUEST_BODY as u64)
-    {
+    let announced = super::error::announced_length(&parts.headers);
+    if announced.is_some_and(|n| n > MAX_REQUEST_BODY as u64) {
+        super::discard_body(body, announced).await;
         return Err(too_large());
     }
     let body = axum::body::to_bytes(body, MAX_REQUEST_BODY)
