@@ -22,7 +22,7 @@ use std::time::Instant;
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
 use axum::middleware::{self, Next};
-use axum::response::{IntoResponse as _, Response};
+use axum::response::Response;
 use tower_http::request_id::{
     MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
 };
@@ -166,38 +166,96 @@ pub fn app(state: AppState) -> Router {
         .merge(proxy_lane)
 }
 
-/// The largest request body the general routes read (the proxy lane has its own limit).
+/// The largest request body the general routes read, unless a route sets its own (key import;
+/// the proxy lane has its own limit).
 const BODY_LIMIT: usize = 2 * 1024 * 1024;
 
-/// Bodies announced larger than [`BODY_LIMIT`] get a 413 at once; the body is read and dropped
-/// first (see [`discard_body`]) so that a client still sending it reads the answer.
+/// When a route refuses a body as too large (413), reads the rest of it and drops it before the
+/// answer goes out ([`discard_body`]), so that a client still sending it reads the 413 instead of
+/// a broken pipe. The body is lent to the route and given back when the route drops it, so every
+/// route's own limit applies unchanged.
 async fn refuse_oversized(req: Request, next: Next) -> Response {
     let announced = error::announced_length(req.headers());
-    if announced.is_some_and(|n| n > BODY_LIMIT as u64) {
-        discard_body(req.into_body(), announced).await;
-        return error::ApiError::PayloadTooLarge(format!(
-            "request body larger than {} MiB",
-            BODY_LIMIT >> 20
-        ))
-        .into_response();
+    let (parts, body) = req.into_parts();
+    let returned = Arc::new(parking_lot::Mutex::new(None));
+    let lent = Lent {
+        body: Some(body),
+        back: returned.clone(),
+    };
+    let resp = next
+        .run(Request::from_parts(parts, axum::body::Body::new(lent)))
+        .await;
+    if resp.status() == http::StatusCode::PAYLOAD_TOO_LARGE {
+        let rest = returned.lock().take();
+        if let Some(rest) = rest {
+            discard_body(rest, announced).await;
+        }
     }
-    next.run(req).await
+    resp
 }
 
-/// Before refusing a body that is too large: reads it and drops it, when it is announced at no
-/// more than 32 MiB, for at most 5 s. A server that answers and closes while the client is still
-/// sending makes the client's next write fail (a broken pipe or reset) before it reads the
-/// answer; reading the rest first lets it see the 413 and its `detail`. Larger or slower bodies
-/// are cut off (the connection closes after the answer).
+/// A request body lent to a route: what the route leaves unread goes back to [`refuse_oversized`].
+struct Lent {
+    body: Option<axum::body::Body>,
+    back: Arc<parking_lot::Mutex<Option<axum::body::Body>>>,
+}
+
+impl hyper::body::Body for Lent {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, axum::Error>>> {
+        match self.body.as_mut() {
+            Some(b) => std::pin::Pin::new(b).poll_frame(cx),
+            None => std::task::Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body
+            .as_ref()
+            .is_none_or(hyper::body::Body::is_end_stream)
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.as_ref().map_or_else(
+            || hyper::body::SizeHint::with_exact(0),
+            hyper::body::Body::size_hint,
+        )
+    }
+}
+
+impl Drop for Lent {
+    fn drop(&mut self) {
+        if let Some(b) = self.body.take() {
+            *self.back.lock() = Some(b);
+        }
+    }
+}
+
+/// Before refusing a body that is too large: reads it and drops it (at most 32 MiB, for at most
+/// 5 s; not at all when it is announced larger). A server that answers and closes while the
+/// client is still sending makes the client's next write fail (a broken pipe or reset) before it
+/// reads the answer; reading the rest first lets it see the 413 and its `detail`. Larger or
+/// slower bodies are cut off (the connection closes after the answer).
 pub(crate) async fn discard_body(body: axum::body::Body, announced: Option<u64>) {
     use http_body_util::BodyExt as _;
-    const LINGER_BYTES: u64 = 32 * 1024 * 1024;
-    if announced.is_none_or(|n| n > LINGER_BYTES) {
+    const LINGER_BYTES: usize = 32 * 1024 * 1024;
+    if announced.is_some_and(|n| n > LINGER_BYTES as u64) {
         return;
     }
     let drain = async {
         let mut body = body;
-        while let Some(Ok(_)) = body.frame().await {}
+        let mut read = 0usize;
+        while let Some(Ok(frame)) = body.frame().await {
+            read += frame.data_ref().map_or(0, bytes::Buf::remaining);
+            if read > LINGER_BYTES {
+                break;
+            }
+        }
     };
     let _ = tokio::time::timeout(std::time::Duration::from_secs(5), drain).await;
 }
