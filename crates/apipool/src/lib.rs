@@ -46,6 +46,8 @@ pub mod sdk;
 pub mod stats;
 pub mod status;
 mod store;
+#[cfg(test)]
+mod test_stats;
 
 pub use batch::{BatchOptions, BatchProgress, BatchResult};
 pub use clock::{Clock, ManualClock, SystemClock};

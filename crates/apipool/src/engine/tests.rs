@@ -1,6 +1,7 @@
 //! Engine tests on a hand-driven clock: every time is an explicit `Instant`.
 
 use super::*;
+use crate::test_stats::chi_square_by_weight;
 
 fn t0() -> Instant {
     Instant::now()
@@ -659,16 +660,6 @@ fn keys_without_limits_keep_no_log_and_limited_keys_keep_one_window() {
     assert_eq!(e.slots[0].log.capacity(), 8);
 }
 
-/// Pearson's chi-square of `counts` against `expected` shares (summing to 1).
-fn chi_square(counts: &[u64], expected: &[f64]) -> f64 {
-    let n = counts.iter().sum::<u64>() as f64;
-    counts
-        .iter()
-        .zip(expected)
-        .map(|(&c, &p)| n.mul_add(-p, c as f64).powi(2) / (n * p))
-        .sum()
-}
-
 /// An engine that looks ahead whatever its size.
 fn grant_ahead(e: &mut Engine, now: Instant) -> LeaseToken {
     let _ = e.look_ahead();
@@ -709,12 +700,7 @@ fn picks_drawn_ahead_keep_random_and_weighted_distributions() {
             counts[t.idx as usize] += 1;
             e.report(t, Some(Outcome::Success), o);
         }
-        let total: u32 = weights.iter().sum();
-        let expected: Vec<f64> = weights
-            .iter()
-            .map(|&w| f64::from(w) / f64::from(total))
-            .collect();
-        let chi = chi_square(&counts, &expected);
+        let chi = chi_square_by_weight(&counts, &weights);
         // At most 6 degrees of freedom: P(chi² > 30) < 1e-4.
         assert!(
             chi < 30.0,

@@ -687,6 +687,7 @@ impl KeyStateStore for MemoryStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_stats::{chi_square, chi_square_by_weight};
     use std::time::Duration;
 
     fn store(
@@ -722,16 +723,6 @@ mod tests {
             Grant::Granted(t) => t,
             other => panic!("expected a grant, got {other:?}"),
         }
-    }
-
-    /// Pearson's chi-square of `counts` against `expected` shares (summing to 1).
-    fn chi_square(counts: &[u64], expected: &[f64]) -> f64 {
-        let n = counts.iter().sum::<u64>() as f64;
-        counts
-            .iter()
-            .zip(expected)
-            .map(|(&c, &p)| n.mul_add(-p, c as f64).powi(2) / (n * p))
-            .sum()
     }
 
     #[test]
@@ -792,12 +783,7 @@ mod tests {
                 counts[t.idx as usize] += 1;
                 s.report(t, Some(Outcome::Success), t0);
             }
-            let total: u32 = weights.iter().sum();
-            let expected: Vec<f64> = weights
-                .iter()
-                .map(|&w| f64::from(w) / f64::from(total))
-                .collect();
-            let chi = chi_square(&counts, &expected);
+            let chi = chi_square_by_weight(&counts, &weights);
             // At most 6 degrees of freedom: P(chi² > 30) < 1e-4.
             assert!(chi < 30.0, "{strategy:?}: chi² {chi}, counts {counts:?}");
             assert_eq!(s.in_flight(), 0);
