@@ -109,6 +109,12 @@ impl Log {
         self.len += 1;
     }
 
+    /// Forgets every time kept (the buffer stays).
+    pub(super) fn clear(&mut self) {
+        self.head = 0;
+        self.len = 0;
+    }
+
     /// Doubles the buffer (at least 4, at most `cap` rounded up to a power of two).
     fn grow(&mut self, cap: usize) {
         let new_cap = (self.buf.len() * 2).max(4).min(cap.next_power_of_two());
@@ -118,6 +124,106 @@ impl Log {
         }
         self.buf = buf;
         self.head = 0;
+    }
+}
+
+/// Buckets in a [`Tally`].
+const BUCKETS: usize = 4;
+
+/// A key's completions while its limit is being learned, in one cache line whatever their
+/// number: up to [`BUCKETS`] buckets, each the count of completions in it and the latest of their
+/// times. A key that learns no limit never needs the times themselves, and one that does needs the
+/// times of its learning epoch's calls (how many the upstream took before refusing); a log of each
+/// time would grow to hundreds per key in a large pool. A bucket's time stands for every call in
+/// it, so each call counts as finishing no earlier than it did: the log [`Self::fill`] rebuilds
+/// never lets a window undercount, at worst it paces the first window after learning a little
+/// more slowly. Buckets are merged to keep their time spans even (the pair whose merged bucket
+/// spans least goes first), so no bucket's time stands for calls much earlier than it.
+#[derive(Debug, Clone, Copy, Default)]
+#[repr(C, align(64))]
+pub(super) struct Tally {
+    /// What the tally counts from: its key's learning epoch (another start: a new epoch, and
+    /// the buckets are stale).
+    origin: Tick,
+    last: [Tick; BUCKETS],
+    count: [u32; BUCKETS],
+    len: u32,
+}
+
+impl Tally {
+    /// Counts a completion at `t` in the epoch that started at `origin`.
+    pub(super) fn push(&mut self, t: Tick, origin: Tick) {
+        if self.origin != origin {
+            *self = Self {
+                origin,
+                ..Self::default()
+            };
+        }
+        let n = self.len as usize;
+        if n > 0 && t <= self.last[n - 1] {
+            // Not after the newest bucket's time: that time covers it.
+            self.count[n - 1] = self.count[n - 1].saturating_add(1);
+            return;
+        }
+        if n < BUCKETS {
+            self.last[n] = t;
+            self.count[n] = 1;
+            self.len += 1;
+            return;
+        }
+        // Full: merge the adjacent pair whose merged bucket spans least, counting `t` as a
+        // bucket of its own after the newest (merging that pair extends the newest to `t`).
+        let start = |i: usize| if i == 0 { origin } else { self.last[i - 1] };
+        let (mut best, mut best_span) = (BUCKETS - 1, t.saturating_sub(start(BUCKETS - 1)));
+        for i in 0..BUCKETS - 1 {
+            let span = self.last[i + 1].saturating_sub(start(i));
+            if span < best_span {
+                (best, best_span) = (i, span);
+            }
+        }
+        if best == BUCKETS - 1 {
+            self.last[best] = t;
+            self.count[best] = self.count[best].saturating_add(1);
+            return;
+        }
+        self.count[best + 1] = self.count[best + 1].saturating_add(self.count[best]);
+        self.last.copy_within(best + 1.., best);
+        self.count.copy_within(best + 1.., best);
+        self.last[BUCKETS - 1] = t;
+        self.count[BUCKETS - 1] = 1;
+    }
+
+    /// Rebuilds `log` as the newest `cap` completions of the epoch that started at `origin`
+    /// (each at its bucket's time); nothing when the tally counted another epoch.
+    pub(super) fn fill(&self, log: &mut Log, origin: Tick, cap: usize) {
+        log.clear();
+        if self.origin != origin || cap == 0 {
+            return;
+        }
+        // From the newest bucket back, how many of each the newest `cap` take.
+        let mut take = [0usize; BUCKETS];
+        let mut left = cap;
+        for i in (0..self.len as usize).rev() {
+            take[i] = left.min(self.count[i] as usize);
+            left -= take[i];
+        }
+        for (&t, &n) in self.last.iter().zip(&take) {
+            for _ in 0..n {
+                log.push(t, cap);
+            }
+        }
+    }
+
+    /// Its first line's first word: read only to bring the tally into the cache ahead.
+    pub(super) fn peek(&self) -> Tick {
+        self.origin
+    }
+
+    #[cfg(test)]
+    pub(super) fn buckets(&self) -> Vec<(Tick, u32)> {
+        (0..self.len as usize)
+            .map(|i| (self.last[i], self.count[i]))
+            .collect()
     }
 }
 
@@ -230,5 +336,93 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// The newest `cap` of `times` (sorted), as the log would keep them.
+    fn newest(times: &[Tick], cap: usize) -> Vec<Tick> {
+        let mut v = times.to_vec();
+        v.sort_unstable();
+        v[v.len().saturating_sub(cap)..].to_vec()
+    }
+
+    fn filled(tally: &Tally, origin: Tick, cap: usize) -> Vec<Tick> {
+        let mut log = Log::default();
+        log.push(1, 8); // stale content: fill replaces it
+        tally.fill(&mut log, origin, cap);
+        log.to_vec()
+    }
+
+    #[test]
+    fn tally_is_one_cache_line_and_exact_for_few_distinct_times() {
+        assert_eq!(size_of::<Tally>(), 64);
+        let mut tally = Tally::default();
+        for t in [10, 10, 20, 30, 30, 30, 40] {
+            tally.push(t, 5);
+        }
+        assert_eq!(tally.buckets(), vec![(10, 2), (20, 1), (30, 3), (40, 1)]);
+        assert_eq!(filled(&tally, 5, 100), vec![10, 10, 20, 30, 30, 30, 40]);
+        assert_eq!(filled(&tally, 5, 3), vec![30, 30, 40], "the newest `cap`");
+        assert_eq!(filled(&tally, 5, 0), Vec::<Tick>::new());
+        // Another epoch: the buckets are stale, for `fill` and for the next push.
+        assert_eq!(filled(&tally, 6, 100), Vec::<Tick>::new());
+        tally.push(50, 6);
+        assert_eq!(tally.buckets(), vec![(50, 1)]);
+    }
+
+    #[test]
+    fn tally_never_counts_a_call_as_finishing_earlier_than_it_did() {
+        let mut rng = SmallRng::seed_from_u64(3);
+        for round in 0..300 {
+            let origin: Tick = 1_000;
+            let mut tally = Tally::default();
+            let mut times = Vec::new();
+            let mut now = origin;
+            let n = rng.random_range(1..400);
+            for _ in 0..n {
+                // Steady, bursty or quiet spells, now and then a little back in time.
+                now += match round % 3 {
+                    0 => 10,
+                    1 => rng.random_range(0..3) * 50,
+                    _ => rng.random_range(0..100),
+                };
+                let t = now.saturating_sub(
+                    rng.random_range(0..30) * u64::from(rng.random_range(0..5) == 0),
+                );
+                tally.push(t, origin);
+                times.push(t);
+            }
+            for cap in [1, 5, 20, n, n + 10] {
+                let real = newest(&times, cap);
+                let got = filled(&tally, origin, cap);
+                assert_eq!(got.len(), real.len(), "round {round}, cap {cap}");
+                for (g, r) in got.iter().zip(&real) {
+                    assert!(g >= r, "round {round}, cap {cap}: {got:?} vs {real:?}");
+                    assert!(*g <= now, "no later than the last completion");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn tally_buckets_keep_even_spans_on_a_steady_stream() {
+        // 1,000 calls, one every 10 ticks: each bucket stands for about a quarter of the stream,
+        // so no call is counted much later than it finished.
+        let mut tally = Tally::default();
+        let times: Vec<Tick> = (1..=1_000).map(|i| i * 10).collect();
+        for &t in &times {
+            tally.push(t, 0);
+        }
+        let got = filled(&tally, 0, 1_000);
+        let worst = got.iter().zip(&times).map(|(g, r)| g - r).max().unwrap();
+        assert!(
+            worst <= 10_000 / 2,
+            "worst lag {worst} of a 10,000-tick stream"
+        );
+        // Every bucket but the newest (just opened) stands for a good share of the stream.
+        let counts: Vec<u32> = tally.buckets().iter().map(|b| b.1).collect();
+        assert!(
+            counts[..counts.len() - 1].iter().all(|&c| c >= 100),
+            "no bucket starved: {counts:?}"
+        );
     }
 }

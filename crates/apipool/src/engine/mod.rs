@@ -9,7 +9,7 @@ mod select;
 
 use crate::config::{RateLimit, Strategy};
 use crate::outcome::Outcome;
-use log::Log;
+use log::{Log, Tally};
 use rand::SeedableRng;
 use rand::rngs::SmallRng;
 use select::Selector;
@@ -27,9 +27,6 @@ const NO_TICK: Tick = Tick::MAX;
 
 /// "No scope" for a key's scope index.
 const NO_SCOPE: u32 = u32::MAX;
-
-/// Entries kept per key while learning a limit that nobody configured.
-const LEARN_LOG_CAP: usize = 512;
 
 /// "No key" in the picks drawn ahead.
 const NO_KEY: u32 = u32::MAX;
@@ -462,6 +459,9 @@ pub(crate) struct Engine {
     strategy: Strategy,
     slots: Vec<Slot>,
     cold: Vec<Cold>,
+    /// Each key's completions while it learns its limit (its log is kept instead once it has a
+    /// limit to enforce).
+    tallies: Vec<Tally>,
     free: Vec<u32>,
     selector: Selector,
     timers: BinaryHeap<Reverse<(Tick, Target)>>,
@@ -527,15 +527,15 @@ enum Block {
     Release,
 }
 
-/// How many completion times a key must keep: its largest configured or learned limit, or
-/// [`LEARN_LOG_CAP`] while a limit is being learned; 0 when nothing needs them.
+/// How many completion times a key must keep: its largest configured or learned limit (0 when
+/// nothing needs them; a key learning its limit keeps a [`Tally`] instead, see [`tallies`]).
 fn log_cap(d: &Derived, s: &Slot) -> usize {
-    let learning = if d.learning && s.learned_limit == 0 {
-        LEARN_LOG_CAP as u32
-    } else {
-        0
-    };
-    d.window_cap.max(s.learned_limit).max(learning) as usize
+    d.window_cap.max(s.learned_limit) as usize
+}
+
+/// Whether key slot `s` counts its completions in its tally: it is learning a limit.
+fn tallies(d: &Derived, s: &Slot) -> bool {
+    d.learning && s.learned_limit == 0
 }
 
 fn nanos(d: Duration) -> Tick {
@@ -560,6 +560,7 @@ impl Engine {
             strategy,
             slots: Vec::new(),
             cold: Vec::new(),
+            tallies: Vec::new(),
             free: Vec::new(),
             selector: Selector::new(strategy, 0),
             timers: BinaryHeap::new(),
@@ -660,10 +661,12 @@ impl Engine {
             let gen_ = self.slots[idx as usize].gen_;
             self.slots[idx as usize] = Slot::new(gen_, scope, now);
             self.cold[idx as usize] = cold;
+            self.tallies[idx as usize] = Tally::default();
             idx
         } else {
             self.slots.push(Slot::new(0, scope, now));
             self.cold.push(cold);
+            self.tallies.push(Tally::default());
             u32::try_from(self.slots.len() - 1).unwrap_or(u32::MAX)
         };
         self.live += 1;
@@ -713,7 +716,15 @@ impl Engine {
     /// Replaces the settings. Calls in flight are unaffected; windows keep their history, so a
     /// changed limit applies from the next acquire without a burst.
     pub(crate) fn apply_settings(&mut self, settings: Settings) {
-        self.derived = Derived::new(&settings);
+        let derived = Derived::new(&settings);
+        for (s, tally) in self.slots.iter_mut().zip(&self.tallies) {
+            // A key that stops learning takes its tally's history into its log.
+            if s.live && tallies(&self.derived, s) && !tallies(&derived, s) {
+                let (origin, cap) = (s.epoch_start, log_cap(&derived, s));
+                tally.fill(&mut s.log, origin, cap);
+            }
+        }
+        self.derived = derived;
         self.settings = settings;
         for k in 0..self.slots.len() as u32 {
             let s = &mut self.slots[k as usize];
@@ -888,6 +899,10 @@ impl Engine {
         if s.learned_limit > 0 && s.learned_at.saturating_add(ttl) <= now {
             s.learned_limit = 0;
             s.restart_epoch(now);
+            if self.derived.learning {
+                // Learning again: the tally counts from here, the log is not needed.
+                s.log = Log::default();
+            }
         }
     }
 
@@ -972,7 +987,11 @@ impl Engine {
         let mut x = 0u64;
         for &k in &next[..batch] {
             if let Some(s) = self.slots.get(k as usize) {
-                x = x.wrapping_add(s.log.next_place());
+                x = x.wrapping_add(if tallies(&self.derived, s) {
+                    self.tallies[k as usize].peek()
+                } else {
+                    s.log.next_place()
+                });
             }
         }
         for &k in &next[batch..batch + self.far_ahead()] {
@@ -1098,7 +1117,11 @@ impl Engine {
         s.in_flight = s.in_flight.saturating_sub(1);
         self.total_in_flight = self.total_in_flight.saturating_sub(1);
         let scope = s.scope;
-        s.log.push(now, log_cap(&self.derived, s));
+        if tallies(&self.derived, s) {
+            self.tallies[k as usize].push(now, s.epoch_start);
+        } else {
+            s.log.push(now, log_cap(&self.derived, s));
+        }
         let waiting_on_release = s.tag == Tag::Active && s.timer == NO_TICK && !s.parked;
         if scope != NO_SCOPE {
             let sc = scope;
@@ -1188,6 +1211,9 @@ impl Engine {
                 s.learned_limit = s.epoch_successes;
                 s.learned_interval = until.saturating_sub(first).max(1_000_000);
                 s.learned_at = until;
+                // The window starts with the epoch's calls, as the upstream counted them.
+                let (origin, cap) = (s.epoch_start, log_cap(&self.derived, s));
+                self.tallies[k as usize].fill(&mut s.log, origin, cap);
                 c.learned_from = first;
                 c.learned_to = now;
             }

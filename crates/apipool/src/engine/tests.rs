@@ -566,6 +566,82 @@ fn exhausted_pool_reports_the_earliest_free_time() {
 }
 
 #[test]
+fn a_key_learning_its_limit_keeps_one_tally_line_and_no_log() {
+    let o = t0();
+    let mut e = engine(1, Strategy::Random, Settings::default(), o);
+    // Thousands of calls and no refusal: nothing grows (the log of every completion time grew
+    // to 512 per key, 400 MB in a 100,000-key pool).
+    for i in 0..5_000 {
+        let t = grant(&mut e, o + ms(i));
+        e.report(t, Some(Outcome::Success), o + ms(i));
+    }
+    assert_eq!(e.slots[0].log.capacity(), 0);
+    assert_eq!(
+        e.tallies[0].buckets().iter().map(|b| b.1).sum::<u32>(),
+        5_000
+    );
+}
+
+#[test]
+fn a_limit_learned_from_a_steady_epoch_paces_from_the_epochs_calls() {
+    let o = t0();
+    let mut e = engine(1, Strategy::Random, Settings::default(), o);
+    // The upstream allows 10 per second (sliding): calls every 100 ms for 2 s, all served...
+    for i in 0..20 {
+        let t = grant(&mut e, o + ms(i * 100));
+        e.report(t, Some(Outcome::Success), o + ms(i * 100 + 1));
+    }
+    // ...then a burst the upstream refuses at 2.0 s, free again at 2.1 s. The epoch began at
+    // 0 (20 calls), so the learned limit is 20 per 2.1 s and the key's window holds those calls.
+    let t = grant(&mut e, o + ms(2_000));
+    e.report(t, Some(Outcome::rate_limited(Some(ms(100)))), o + ms(2_000));
+    let (limit, window) = e.explain(0, o + ms(2_000)).unwrap().learned_limit.unwrap();
+    assert_eq!((limit, window), (20, ms(2_100)));
+    // Back at 2.1 s: the window still counts the epoch's calls (at their buckets' times, never
+    // earlier than they finished), so the key is paced, not handed a burst of 20.
+    let mut granted = Vec::new();
+    let mut now = o + ms(2_100);
+    while now < o + ms(3_000) {
+        if let Acquire::Granted(t) = e.acquire(now, &[]) {
+            granted.push(now);
+            e.report(t, Some(Outcome::Success), now);
+        }
+        now += ms(1);
+    }
+    assert!(
+        granted.len() <= 10,
+        "{} granted in 0.9 s after coming back: {granted:?}",
+        granted.len()
+    );
+    assert!(!granted.is_empty(), "the key comes back");
+}
+
+#[test]
+fn a_key_that_stops_learning_keeps_its_history_under_configured_limits() {
+    let o = t0();
+    let mut e = engine(1, Strategy::Random, Settings::default(), o);
+    for i in 0..3 {
+        let t = grant(&mut e, o + ms(i));
+        e.report(t, Some(Outcome::Success), o + ms(i));
+    }
+    // A limit of 3 per second is configured: the three calls just made fill the window.
+    e.apply_settings(Settings {
+        limits: vec![
+            RateLimit::per_second(3)
+                .unwrap()
+                .with_margin(Duration::ZERO),
+        ],
+        ..Settings::default()
+    });
+    assert_eq!(
+        e.acquire(o + ms(3), &[]),
+        Acquire::Wait {
+            until: Some(o + ms(1000))
+        }
+    );
+}
+
+#[test]
 fn apply_settings_keeps_history() {
     let o = t0();
     let mut e = engine(1, Strategy::Random, Settings::default(), o);
