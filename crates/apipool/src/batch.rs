@@ -137,8 +137,8 @@ type Outcomes<Id, T, E> = (HashMap<Id, T>, HashMap<Id, CallError<E>>);
 struct Collector<Id, T, E> {
     started: Instant,
     total: usize,
-    done: AtomicUsize,
-    succeeded: AtomicUsize,
+    /// Each item's outcome. Ids are distinct (batches are deduplicated, `call_concurrent` uses
+    /// input indices), so the two maps' sizes are the items succeeded and failed so far.
     results: Mutex<Outcomes<Id, T, E>>,
     progress: Option<Arc<ProgressFn>>,
 }
@@ -163,16 +163,16 @@ impl<Id: Eq + Hash + Clone, T, E> Collector<Id, T, E> {
         Self {
             started: Instant::now(),
             total,
-            done: AtomicUsize::new(0),
-            succeeded: AtomicUsize::new(0),
             results: Mutex::new((HashMap::with_capacity(total), HashMap::new())),
             progress,
         }
     }
 
     fn record(&self, id: Id, result: Result<T, CallError<E>>) {
-        let ok = result.is_ok();
-        {
+        // Both counts are read under the lock that records the outcome, so every report is one
+        // consistent moment (two separate counters let a report see another worker's success
+        // before its own `done`, and `failed = done - succeeded` underflowed).
+        let (succeeded, failed) = {
             let mut r = self.results.lock();
             match result {
                 Ok(v) => {
@@ -182,19 +182,14 @@ impl<Id: Eq + Hash + Clone, T, E> Collector<Id, T, E> {
                     r.1.insert(id, e);
                 }
             }
-        }
-        let succeeded = if ok {
-            self.succeeded.fetch_add(1, Ordering::Relaxed) + 1
-        } else {
-            self.succeeded.load(Ordering::Relaxed)
+            (r.0.len(), r.1.len())
         };
-        let done = self.done.fetch_add(1, Ordering::Relaxed) + 1;
         if let Some(p) = &self.progress {
             p(&BatchProgress {
                 total: self.total,
-                done,
+                done: succeeded + failed,
                 succeeded,
-                failed: done - succeeded,
+                failed,
                 elapsed: self.started.elapsed(),
             });
         }
@@ -431,4 +426,41 @@ fn in_order<T, E>(collector: Collector<usize, T, E>, n: usize) -> Vec<Result<T, 
                 .unwrap_or(CallError::Pool(Error::NoUsableKeys))),
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Workers finishing at once each report one consistent moment: `done` counts every success
+    /// the report shows, and never more items than the batch has.
+    #[test]
+    fn concurrent_progress_reports_are_consistent() {
+        const WORKERS: usize = 16;
+        const PER_WORKER: usize = 20_000;
+        let total = WORKERS * PER_WORKER;
+        let reports = Arc::new(AtomicUsize::new(0));
+        let seen = Arc::clone(&reports);
+        let progress: Arc<ProgressFn> = Arc::new(move |p: &BatchProgress| {
+            assert!(
+                p.succeeded + p.failed == p.done && p.done <= p.total,
+                "{p:?}"
+            );
+            seen.fetch_add(1, Ordering::Relaxed);
+        });
+        let collector = Collector::<usize, (), ()>::new(total, Some(progress));
+        std::thread::scope(|s| {
+            for w in 0..WORKERS {
+                let collector = &collector;
+                s.spawn(move || {
+                    for id in w * PER_WORKER..(w + 1) * PER_WORKER {
+                        collector.record(id, Ok(()));
+                    }
+                });
+            }
+        });
+        assert_eq!(reports.load(Ordering::Relaxed), total);
+        let (ok, err) = collector.results.into_inner();
+        assert_eq!((ok.len(), err.len()), (total, 0));
+    }
 }
