@@ -353,18 +353,19 @@ impl StatsCollector {
         let m = &self.inner.shared.metrics;
         let q = &self.inner.queue;
         let (queued, accepted) = q.counts();
+        let (failed_attempts, consecutive_failures, last_error) = m.failures();
         WriterStats {
             accepted,
             committed: m.committed.load(Ordering::Relaxed),
             backlog: queued as u64 + m.in_writer.load(Ordering::Relaxed),
             batches: m.batches.load(Ordering::Relaxed),
-            failed_attempts: m.failed_attempts.load(Ordering::Relaxed),
-            consecutive_failures: m.consecutive_failures.load(Ordering::Relaxed),
+            failed_attempts,
+            consecutive_failures,
             caller_waits: q.waits.load(Ordering::Relaxed),
             refused: q.refused.load(Ordering::Relaxed),
             lost: m.lost.load(Ordering::Relaxed),
             pruned: m.pruned.load(Ordering::Relaxed),
-            last_error: m.last_error.lock().clone(),
+            last_error,
         }
     }
 

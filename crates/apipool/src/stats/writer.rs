@@ -56,13 +56,37 @@ pub(crate) struct Shared {
 pub(crate) struct Metrics {
     pub(crate) committed: AtomicU64,
     pub(crate) batches: AtomicU64,
+    /// Changed only under `last_error`'s lock (except the reset to 0 after a success), so a
+    /// snapshot read under it never shows a failure without its error.
     pub(crate) failed_attempts: AtomicU64,
+    /// See `failed_attempts`.
     pub(crate) consecutive_failures: AtomicU64,
     /// Events taken from the queue and not yet committed.
     pub(crate) in_writer: AtomicU64,
     pub(crate) lost: AtomicU64,
     pub(crate) pruned: AtomicU64,
     pub(crate) last_error: Mutex<Option<String>>,
+}
+
+impl Metrics {
+    /// Counts a failed write attempt together with its error.
+    fn record_failure(&self, error: String) {
+        let mut last = self.last_error.lock();
+        *last = Some(error);
+        self.failed_attempts.fetch_add(1, Ordering::Relaxed);
+        self.consecutive_failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// `(failed_attempts, consecutive_failures, last_error)` at one moment: a failure counted
+    /// here always comes with its error (as [`Self::record_failure`] wrote them).
+    pub(crate) fn failures(&self) -> (u64, u64, Option<String>) {
+        let last = self.last_error.lock();
+        (
+            self.failed_attempts.load(Ordering::Relaxed),
+            self.consecutive_failures.load(Ordering::Relaxed),
+            last.clone(),
+        )
+    }
 }
 
 /// Rows deleted by one retention pass.
@@ -343,9 +367,7 @@ impl Writer {
                 }
                 Err(e) => {
                     attempt += 1;
-                    m.failed_attempts.fetch_add(1, Ordering::Relaxed);
-                    m.consecutive_failures.fetch_add(1, Ordering::Relaxed);
-                    *m.last_error.lock() = Some(e.to_string());
+                    m.record_failure(e.to_string());
                     let backlog = self.backlog();
                     tracing::warn!(
                         error = %e,

@@ -2,7 +2,7 @@
 //! reusing a pool.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use apipool::CallStatus;
 use apipool::stats::{StatsCollector, StatsConfig, StatsError, StatsFilter};
@@ -227,4 +227,59 @@ fn sync_calls_work_inside_another_executor() {
         assert_eq!(stats.acount(StatsFilter::all()).await.unwrap(), 1);
         stats.close().unwrap();
     });
+}
+
+/// Each snapshot of the writer's counters is one moment: a failure it counts comes with its
+/// error, even when read while the writer is failing (as a health check polls it).
+#[test]
+fn writer_stats_never_count_a_failure_without_its_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}/failing.db?mode=rwc", dir.path().display());
+    let pool = run_async(async move { sqlx::SqlitePool::connect(&url).await.unwrap() });
+    let p = pool.clone();
+    let stats = run_async(async move {
+        StatsCollector::afrom_pool(
+            p,
+            StatsConfig::default()
+                .linger(Duration::ZERO)
+                .retry_backoff(Duration::from_micros(100), Duration::from_micros(100))
+                .shutdown_timeout(Duration::from_millis(200)),
+        )
+        .await
+        .unwrap()
+    });
+    // From now on every write fails ("no such table") and is retried.
+    run_async(async move {
+        sqlx::query("DROP TABLE apipool_stats_events")
+            .execute(&pool)
+            .await
+            .unwrap();
+    });
+    stats.record(event(
+        "k",
+        CallStatus::Success,
+        SystemTime::now(),
+        1,
+        None,
+        None,
+    ));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut snapshots = 0u64;
+    loop {
+        let ws = stats.writer_stats();
+        snapshots += 1;
+        if ws.consecutive_failures > 0 {
+            assert!(
+                ws.last_error.is_some() && ws.failed_attempts > 0 && !ws.healthy(),
+                "snapshot {snapshots}: {ws:?}"
+            );
+        }
+        if ws.failed_attempts >= 300 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the writer kept failing: {ws:?}");
+    }
+    // The table never comes back: closing gives the event up and says so.
+    assert!(stats.close().is_err());
+    assert_eq!(stats.writer_stats().lost, 1);
 }
