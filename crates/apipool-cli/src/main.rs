@@ -95,6 +95,27 @@ struct RotateArgs {
     new_key_file: Option<PathBuf>,
 }
 
+/// The async runtime: one worker per core, or for `serve --workers N` N workers (1: a
+/// current-thread runtime, everything on the main thread).
+fn runtime_for(command: &Command) -> std::io::Result<tokio::runtime::Runtime> {
+    match command {
+        Command::Serve(ServeArgs {
+            workers: Some(n), ..
+        }) if n.get() == 1 => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        Command::Serve(ServeArgs {
+            workers: Some(n), ..
+        }) => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(n.get())
+            .enable_all()
+            .build(),
+        _ => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build(),
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let server_side = matches!(cli.command, Command::Serve(_) | Command::Vault { .. });
@@ -103,10 +124,7 @@ fn main() -> ExitCode {
     } else {
         "warn"
     });
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime_for(&cli.command) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

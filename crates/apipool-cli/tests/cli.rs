@@ -244,3 +244,89 @@ fn admin_credentials_and_options_from_the_environment() {
         .expect("register");
     assert_eq!(r.status(), 201, "open registration from the environment");
 }
+
+#[test]
+fn serve_on_one_worker_thread_proxies_then_stops_gracefully() {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let up = rt
+        .block_on(mock_upstream::spawn(
+            mock_upstream::Config::with_keys(["one-thread-raw-key"]).expect("cfg"),
+        ))
+        .expect("mock");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut server = serve(
+        dir.path(),
+        &[
+            ("APIPOOL_WORKERS", "1"),
+            ("APIPOOL_ADMIN_PASSWORD", "one-thread-admin-pw"),
+        ],
+    );
+    wait_healthy(server.port);
+    let base = format!("http://127.0.0.1:{}/api/v1", server.port);
+    let client = reqwest::blocking::Client::new();
+    let token = client
+        .post(format!("{base}/auth/login"))
+        .json(&serde_json::json!({ "username": "admin", "password": "one-thread-admin-pw" }))
+        .send()
+        .expect("login")
+        .json::<serde_json::Value>()
+        .expect("login json")["access_token"]
+        .as_str()
+        .expect("token")
+        .to_owned();
+    let post = |path: &str, body: serde_json::Value| {
+        let r = client
+            .post(format!("{base}{path}"))
+            .bearer_auth(&token)
+            .json(&body)
+            .send()
+            .expect("post");
+        assert!(r.status().is_success(), "{path}: {}", r.status());
+    };
+    post(
+        "/keys",
+        serde_json::json!({"identifier": "k1", "raw_key": "one-thread-raw-key"}),
+    );
+    post(
+        "/pools",
+        serde_json::json!({"identifier": "solo", "name": "solo", "key_identifiers": ["k1"],
+            "upstream": {"base_url": up.url(), "auth": "bearer"}}),
+    );
+    // Concurrent calls through the proxy, all served by the one thread.
+    std::thread::scope(|s| {
+        for t in 0..4 {
+            let (client, base, token) = (&client, &base, &token);
+            s.spawn(move || {
+                for i in 0..25 {
+                    let r = client
+                        .get(format!("{base}/proxy/solo/http/price?id=c{t}-{i}"))
+                        .bearer_auth(token)
+                        .send()
+                        .expect("proxy");
+                    assert_eq!(r.status(), 200);
+                    let body: serde_json::Value = r.json().expect("json");
+                    assert_eq!(body["id"], format!("c{t}-{i}"));
+                }
+            });
+        }
+    });
+    let status = Command::new("kill")
+        .args(["-TERM", &server.child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let exit = server.child.wait().expect("wait");
+    assert!(exit.success(), "{exit:?}");
+    drop(up);
+}
+
+#[test]
+fn serve_refuses_zero_workers_and_says_why() {
+    let out = apipool()
+        .args(["serve", "--workers", "0"])
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--workers"), "{err}");
+}

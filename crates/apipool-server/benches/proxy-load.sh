@@ -15,6 +15,9 @@
 # (benches/reference-proxy, built offline from the registry cache; fixed key, no selection,
 # limits, stats or auth) and nginx (when installed: apt-get install -y nginx-light; one worker,
 # upstream keep-alive). Their lines read like the proxy's, with their own CPU per request.
+# The processes inherit the environment: APIPOOL_WORKERS=N sets apipool's serving threads
+# (`serve --workers`), REF_THREADS=N runs the bare proxy as N current-thread runtimes on one
+# SO_REUSEPORT port (default: one multi-thread runtime).
 #
 # Or:       crates/apipool-server/benches/proxy-load.sh clients N SECONDS [SAMPLE_SECS]
 # Needs: curl, jq (no wrk).

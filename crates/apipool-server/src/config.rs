@@ -199,6 +199,12 @@ pub struct ServeArgs {
     #[arg(long, env = "APIPOOL_REDIS_PREFIX")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub redis_prefix: Option<String>,
+    /// Threads serving requests [default: one per core]. With 1 every request is served on one
+    /// thread with no hand-off between threads: the least CPU per request, for a machine whose
+    /// other cores are busy (e.g. with the upstream or the load generator)
+    #[arg(long, env = "APIPOOL_WORKERS")]
+    #[serde(skip)]
+    pub workers: Option<std::num::NonZeroUsize>,
     /// Storage options.
     #[command(flatten)]
     #[serde(flatten)]
