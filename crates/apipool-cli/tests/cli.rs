@@ -47,6 +47,17 @@ fn serve(dir: &std::path::Path, extra_env: &[(&str, &str)]) -> Server {
     }
 }
 
+/// Sends SIGTERM and expects a graceful exit with status 0.
+fn stop_gracefully(server: &mut Server) {
+    let status = Command::new("kill")
+        .args(["-TERM", &server.child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let exit = server.child.wait().expect("wait");
+    assert!(exit.success(), "{exit:?}");
+}
+
 fn wait_healthy(port: u16) -> serde_json::Value {
     let client = reqwest::blocking::Client::new();
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -136,13 +147,7 @@ fn serve_with_zero_setup_then_sigterm_then_rotate() {
     assert_eq!(docs.status(), 200);
 
     // SIGTERM: graceful exit with status 0
-    let status = Command::new("kill")
-        .args(["-TERM", &server.child.id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(status.success());
-    let exit = server.child.wait().expect("wait");
-    assert!(exit.success(), "{exit:?}");
+    stop_gracefully(&mut server);
 
     // rotate the master key of that data dir
     let before = std::fs::read_to_string(&key).expect("key");
@@ -310,13 +315,7 @@ fn serve_on_one_worker_thread_proxies_then_stops_gracefully() {
             });
         }
     });
-    let status = Command::new("kill")
-        .args(["-TERM", &server.child.id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(status.success());
-    let exit = server.child.wait().expect("wait");
-    assert!(exit.success(), "{exit:?}");
+    stop_gracefully(&mut server);
     drop(up);
 }
 

@@ -401,6 +401,21 @@ fn avoid_prefers_other_keys_but_falls_back() {
     assert!(t.idx < 2, "falls back to an avoided key rather than wait");
 }
 
+/// Asks for a key every millisecond from `from` until `to`, reporting each grant as a success at
+/// once; the times of the grants.
+fn grants_each_ms(e: &mut Engine, from: Instant, to: Instant) -> Vec<Instant> {
+    let mut granted = Vec::new();
+    let mut now = from;
+    while now < to {
+        if let Acquire::Granted(t) = e.acquire(now, &[]) {
+            granted.push(now);
+            e.report(t, Some(Outcome::Success), now);
+        }
+        now += ms(1);
+    }
+    granted
+}
+
 #[test]
 fn learns_the_limit_from_a_429_and_stops_hammering() {
     let o = t0();
@@ -417,15 +432,7 @@ fn learns_the_limit_from_a_429_and_stops_hammering() {
     assert_eq!(limit, 5);
     assert_eq!(window, ms(1000));
     // From the cooldown's end the key is paced to 5 per learned window: no burst of 429s.
-    let mut granted = 0;
-    let mut now = o + ms(1000);
-    while now < o + ms(1990) {
-        if let Acquire::Granted(t) = e.acquire(now, &[]) {
-            granted += 1;
-            e.report(t, Some(Outcome::Success), now);
-        }
-        now += ms(1);
-    }
+    let granted = grants_each_ms(&mut e, o + ms(1000), o + ms(1990)).len();
     assert!(granted <= 5, "granted {granted} in the second window");
     assert!(granted >= 4, "granted only {granted}");
 }
@@ -599,15 +606,7 @@ fn a_limit_learned_from_a_steady_epoch_paces_from_the_epochs_calls() {
     assert_eq!((limit, window), (20, ms(2_100)));
     // Back at 2.1 s: the window still counts the epoch's calls (at their buckets' times, never
     // earlier than they finished), so the key is paced, not handed a burst of 20.
-    let mut granted = Vec::new();
-    let mut now = o + ms(2_100);
-    while now < o + ms(3_000) {
-        if let Acquire::Granted(t) = e.acquire(now, &[]) {
-            granted.push(now);
-            e.report(t, Some(Outcome::Success), now);
-        }
-        now += ms(1);
-    }
+    let granted = grants_each_ms(&mut e, o + ms(2_100), o + ms(3_000));
     assert!(
         granted.len() <= 10,
         "{} granted in 0.9 s after coming back: {granted:?}",

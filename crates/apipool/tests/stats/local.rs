@@ -120,11 +120,18 @@ fn a_closed_collector_refuses_events_and_says_so() {
     ));
 }
 
+/// A pool on a fresh SQLite database `name` in a temporary directory (removed when the returned
+/// guard drops).
+fn temp_sqlite(name: &str) -> (tempfile::TempDir, sqlx::SqlitePool) {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}/{name}?mode=rwc", dir.path().display());
+    let pool = run_async(async move { sqlx::SqlitePool::connect(&url).await.unwrap() });
+    (dir, pool)
+}
+
 #[test]
 fn an_existing_pool_is_reused_and_left_open() {
-    let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}/host.db?mode=rwc", dir.path().display());
-    let pool = run_async(async move { sqlx::SqlitePool::connect(&url).await.unwrap() });
+    let (_dir, pool) = temp_sqlite("host.db");
     let p = pool.clone();
     let stats = run_async(async move {
         StatsCollector::afrom_pool(p, StatsConfig::default())
@@ -233,9 +240,7 @@ fn sync_calls_work_inside_another_executor() {
 /// error, even when read while the writer is failing (as a health check polls it).
 #[test]
 fn writer_stats_never_count_a_failure_without_its_error() {
-    let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}/failing.db?mode=rwc", dir.path().display());
-    let pool = run_async(async move { sqlx::SqlitePool::connect(&url).await.unwrap() });
+    let (_dir, pool) = temp_sqlite("failing.db");
     let p = pool.clone();
     let stats = run_async(async move {
         StatsCollector::afrom_pool(
