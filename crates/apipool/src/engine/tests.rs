@@ -401,6 +401,32 @@ fn avoid_prefers_other_keys_but_falls_back() {
     assert!(t.idx < 2, "falls back to an avoided key rather than wait");
 }
 
+/// Key 0 serves `n` calls granted every `gap` ms from `o`, each reported a success `took` ms
+/// later; then a call at `refused_at` ms is refused with `Retry-After: retry_after` ms. The limit
+/// the engine learned from it.
+fn serve_then_refuse(
+    e: &mut Engine,
+    o: Instant,
+    (n, gap, took): (u64, u64, u64),
+    refused_at: u64,
+    retry_after: u64,
+) -> (u32, Duration) {
+    for i in 0..n {
+        let t = grant(e, o + ms(i * gap));
+        e.report(t, Some(Outcome::Success), o + ms(i * gap + took));
+    }
+    let t = grant(e, o + ms(refused_at));
+    e.report(
+        t,
+        Some(Outcome::rate_limited(Some(ms(retry_after)))),
+        o + ms(refused_at),
+    );
+    e.explain(0, o + ms(refused_at))
+        .unwrap()
+        .learned_limit
+        .expect("a limit is learned")
+}
+
 /// Asks for a key every millisecond from `from` until `to`, reporting each grant as a success at
 /// once; the times of the grants.
 fn grants_each_ms(e: &mut Engine, from: Instant, to: Instant) -> Vec<Instant> {
@@ -421,16 +447,8 @@ fn learns_the_limit_from_a_429_and_stops_hammering() {
     let o = t0();
     let mut e = engine(1, Strategy::Random, Settings::default(), o);
     // The upstream allows 5 per second. Five successes, then a 429 saying "free at t=1s".
-    for i in 0..5 {
-        let t = grant(&mut e, o + ms(i * 10));
-        e.report(t, Some(Outcome::Success), o + ms(i * 10 + 5));
-    }
-    let t = grant(&mut e, o + ms(60));
-    e.report(t, Some(Outcome::rate_limited(Some(ms(940)))), o + ms(60));
-    let r = e.explain(0, o + ms(60)).unwrap();
-    let (limit, window) = r.learned_limit.expect("a limit is learned");
-    assert_eq!(limit, 5);
-    assert_eq!(window, ms(1000));
+    let learned = serve_then_refuse(&mut e, o, (5, 10, 5), 60, 940);
+    assert_eq!(learned, (5, ms(1000)));
     // From the cooldown's end the key is paced to 5 per learned window: no burst of 429s.
     let granted = grants_each_ms(&mut e, o + ms(1000), o + ms(1990)).len();
     assert!(granted <= 5, "granted {granted} in the second window");
@@ -593,17 +611,11 @@ fn a_key_learning_its_limit_keeps_one_tally_line_and_no_log() {
 fn a_limit_learned_from_a_steady_epoch_paces_from_the_epochs_calls() {
     let o = t0();
     let mut e = engine(1, Strategy::Random, Settings::default(), o);
-    // The upstream allows 10 per second (sliding): calls every 100 ms for 2 s, all served...
-    for i in 0..20 {
-        let t = grant(&mut e, o + ms(i * 100));
-        e.report(t, Some(Outcome::Success), o + ms(i * 100 + 1));
-    }
-    // ...then a burst the upstream refuses at 2.0 s, free again at 2.1 s. The epoch began at
-    // 0 (20 calls), so the learned limit is 20 per 2.1 s and the key's window holds those calls.
-    let t = grant(&mut e, o + ms(2_000));
-    e.report(t, Some(Outcome::rate_limited(Some(ms(100)))), o + ms(2_000));
-    let (limit, window) = e.explain(0, o + ms(2_000)).unwrap().learned_limit.unwrap();
-    assert_eq!((limit, window), (20, ms(2_100)));
+    // The upstream allows 10 per second (sliding): calls every 100 ms for 2 s, all served, then
+    // a burst the upstream refuses at 2.0 s, free again at 2.1 s. The epoch began at 0 (20
+    // calls), so the learned limit is 20 per 2.1 s and the key's window holds those calls.
+    let learned = serve_then_refuse(&mut e, o, (20, 100, 1), 2_000, 100);
+    assert_eq!(learned, (20, ms(2_100)));
     // Back at 2.1 s: the window still counts the epoch's calls (at their buckets' times, never
     // earlier than they finished), so the key is paced, not handed a burst of 20.
     let granted = grants_each_ms(&mut e, o + ms(2_100), o + ms(3_000));

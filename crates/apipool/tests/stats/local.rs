@@ -7,7 +7,7 @@ use std::time::{Duration, Instant, SystemTime};
 use apipool::CallStatus;
 use apipool::stats::{StatsCollector, StatsConfig, StatsError, StatsFilter};
 
-use crate::support::{event, run_async};
+use crate::support::{event, now_event, run_async};
 
 #[test]
 fn in_memory_database_is_shared_by_all_threads() {
@@ -17,14 +17,7 @@ fn in_memory_database_is_shared_by_all_threads() {
             let stats = &stats;
             s.spawn(move || {
                 for _ in 0..1_000 {
-                    stats.record(event(
-                        &format!("t{t}"),
-                        CallStatus::Success,
-                        SystemTime::now(),
-                        1,
-                        None,
-                        None,
-                    ));
+                    stats.record(now_event(&format!("t{t}"), CallStatus::Success, 1));
                 }
             });
         }
@@ -63,14 +56,7 @@ fn a_full_buffer_makes_callers_wait_and_nothing_is_dropped() {
             let stats = &stats;
             s.spawn(move || {
                 for i in 0..5_000 {
-                    stats.record(event(
-                        "k",
-                        CallStatus::Success,
-                        SystemTime::now(),
-                        i,
-                        None,
-                        None,
-                    ));
+                    stats.record(now_event("k", CallStatus::Success, i));
                 }
             });
         }
@@ -84,32 +70,11 @@ fn a_full_buffer_makes_callers_wait_and_nothing_is_dropped() {
 #[test]
 fn a_closed_collector_refuses_events_and_says_so() {
     let stats = StatsCollector::in_memory().unwrap();
-    stats.record(event(
-        "k",
-        CallStatus::Success,
-        SystemTime::now(),
-        1,
-        None,
-        None,
-    ));
+    stats.record(now_event("k", CallStatus::Success, 1));
     stats.close().unwrap();
     stats.close().unwrap();
-    stats.record(event(
-        "k",
-        CallStatus::Success,
-        SystemTime::now(),
-        1,
-        None,
-        None,
-    ));
-    let back = stats.try_record(event(
-        "k",
-        CallStatus::Failed,
-        SystemTime::now(),
-        1,
-        None,
-        None,
-    ));
+    stats.record(now_event("k", CallStatus::Success, 1));
+    let back = stats.try_record(now_event("k", CallStatus::Failed, 1));
     assert_eq!(back.unwrap_err().status, CallStatus::Failed);
     let ws = stats.writer_stats();
     assert_eq!((ws.committed, ws.refused), (1, 2));
@@ -138,14 +103,7 @@ fn an_existing_pool_is_reused_and_left_open() {
             .await
             .unwrap()
     });
-    stats.record(event(
-        "k",
-        CallStatus::Success,
-        SystemTime::now(),
-        1,
-        None,
-        None,
-    ));
+    stats.record(now_event("k", CallStatus::Success, 1));
     stats.flush().unwrap();
     drop(stats);
     let n = run_async(async move {
@@ -199,14 +157,7 @@ fn retention_also_runs_in_the_background() {
     )
     .unwrap();
     for i in 0..5 {
-        stats.record(event(
-            &format!("k{i}"),
-            CallStatus::Success,
-            SystemTime::now(),
-            1,
-            None,
-            None,
-        ));
+        stats.record(now_event(&format!("k{i}"), CallStatus::Success, 1));
     }
     stats.flush().unwrap();
     // Waits for the writer thread's periodic pass (no clock involved: max_rows).
@@ -222,14 +173,7 @@ fn sync_calls_work_inside_another_executor() {
     // Nested `futures::executor::block_on` would panic; the collector parks the thread instead.
     futures::executor::block_on(async {
         let stats = StatsCollector::in_memory().unwrap();
-        stats.record(event(
-            "k",
-            CallStatus::Success,
-            SystemTime::now(),
-            1,
-            None,
-            None,
-        ));
+        stats.record(now_event("k", CallStatus::Success, 1));
         assert_eq!(stats.count(StatsFilter::all()).unwrap(), 1);
         assert_eq!(stats.acount(StatsFilter::all()).await.unwrap(), 1);
         stats.close().unwrap();
@@ -260,14 +204,7 @@ fn writer_stats_never_count_a_failure_without_its_error() {
             .await
             .unwrap();
     });
-    stats.record(event(
-        "k",
-        CallStatus::Success,
-        SystemTime::now(),
-        1,
-        None,
-        None,
-    ));
+    stats.record(now_event("k", CallStatus::Success, 1));
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut snapshots = 0u64;
     loop {

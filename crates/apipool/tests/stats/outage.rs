@@ -1,13 +1,13 @@
 //! The database goes away mid-run: the writer retries with backoff, reports the backlog, never
 //! blocks or fails the caller, and loses nothing once the database is back.
 
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use apipool::CallStatus;
 use apipool::stats::{StatsCollector, StatsConfig, StatsFilter};
 
 use crate::support::{
-    Backend, TestDb, event, exec, mysql_kill_connections_of, wait_until, with_database,
+    Backend, TestDb, exec, mysql_kill_connections_of, now_event, wait_until, with_database,
 };
 
 fn config() -> StatsConfig {
@@ -19,14 +19,7 @@ fn config() -> StatsConfig {
 
 fn record_n(stats: &StatsCollector, tag: &str, n: u64) {
     for i in 0..n {
-        stats.record(event(
-            tag,
-            CallStatus::Success,
-            SystemTime::now(),
-            i % 100,
-            None,
-            None,
-        ));
+        stats.record(now_event(tag, CallStatus::Success, i % 100));
     }
 }
 

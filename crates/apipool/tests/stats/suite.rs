@@ -11,7 +11,7 @@ use apipool::stats::{
 };
 use apipool::{CallEvent, CallStatus, StatsSink};
 
-use crate::support::{Backend, TestDb, at, event};
+use crate::support::{Backend, TestDb, at, event, now_event};
 
 /// 2026-11-27T12:00:00Z, on a minute, hour and day boundary.
 fn t0() -> SystemTime {
@@ -545,25 +545,11 @@ pub(crate) fn drop_flushes(backend: Backend) {
     )
     .expect("open");
     for i in 0..1_234u64 {
-        stats.record(event(
-            "k",
-            CallStatus::Success,
-            SystemTime::now(),
-            i,
-            None,
-            None,
-        ));
+        stats.record(now_event("k", CallStatus::Success, i));
     }
     let clone = stats.clone();
     drop(stats);
-    clone.record(event(
-        "k",
-        CallStatus::Failed,
-        SystemTime::now(),
-        1,
-        None,
-        None,
-    ));
+    clone.record(now_event("k", CallStatus::Failed, 1));
     drop(clone);
     assert_eq!(db.raw_event_rows(), 1_235);
 }

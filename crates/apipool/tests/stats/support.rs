@@ -232,6 +232,11 @@ pub(crate) fn event(
     }
 }
 
+/// [`event`] finished now, with no method and no pool.
+pub(crate) fn now_event(key: &str, status: CallStatus, latency_ms: u64) -> CallEvent {
+    event(key, status, SystemTime::now(), latency_ms, None, None)
+}
+
 /// Polls `cond` until it holds or `limit` passes (for conditions reached by another thread,
 /// not for time logic).
 pub(crate) fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
