@@ -401,6 +401,14 @@ fn avoid_prefers_other_keys_but_falls_back() {
     assert!(t.idx < 2, "falls back to an avoided key rather than wait");
 }
 
+/// Serves `n` calls granted every `gap` ms from `o`, each reported a success `took` ms later.
+fn serve(e: &mut Engine, o: Instant, (n, gap, took): (u64, u64, u64)) {
+    for i in 0..n {
+        let t = grant(e, o + ms(i * gap));
+        e.report(t, Some(Outcome::Success), o + ms(i * gap + took));
+    }
+}
+
 /// Key 0 serves `n` calls granted every `gap` ms from `o`, each reported a success `took` ms
 /// later; then a call at `refused_at` ms is refused with `Retry-After: retry_after` ms. The limit
 /// the engine learned from it.
@@ -411,10 +419,7 @@ fn serve_then_refuse(
     refused_at: u64,
     retry_after: u64,
 ) -> (u32, Duration) {
-    for i in 0..n {
-        let t = grant(e, o + ms(i * gap));
-        e.report(t, Some(Outcome::Success), o + ms(i * gap + took));
-    }
+    serve(e, o, (n, gap, took));
     let t = grant(e, o + ms(refused_at));
     e.report(
         t,
@@ -596,10 +601,7 @@ fn a_key_learning_its_limit_keeps_one_tally_line_and_no_log() {
     let mut e = engine(1, Strategy::Random, Settings::default(), o);
     // Thousands of calls and no refusal: nothing grows (the log of every completion time grew
     // to 512 per key, 400 MB in a 100,000-key pool).
-    for i in 0..5_000 {
-        let t = grant(&mut e, o + ms(i));
-        e.report(t, Some(Outcome::Success), o + ms(i));
-    }
+    serve(&mut e, o, (5_000, 1, 0));
     assert_eq!(e.slots[0].log.capacity(), 0);
     assert_eq!(
         e.tallies[0].buckets().iter().map(|b| b.1).sum::<u32>(),
@@ -631,10 +633,7 @@ fn a_limit_learned_from_a_steady_epoch_paces_from_the_epochs_calls() {
 fn a_key_that_stops_learning_keeps_its_history_under_configured_limits() {
     let o = t0();
     let mut e = engine(1, Strategy::Random, Settings::default(), o);
-    for i in 0..3 {
-        let t = grant(&mut e, o + ms(i));
-        e.report(t, Some(Outcome::Success), o + ms(i));
-    }
+    serve(&mut e, o, (3, 1, 0));
     // A limit of 3 per second is configured: the three calls just made fill the window.
     e.apply_settings(Settings {
         limits: vec![
@@ -727,10 +726,7 @@ fn keys_without_limits_keep_no_log_and_limited_keys_keep_one_window() {
         ..Settings::default()
     };
     let mut e = engine(1, Strategy::RoundRobin, settings, o);
-    for i in 0..100 {
-        let t = grant(&mut e, o + ms(i));
-        e.report(t, Some(Outcome::Success), o + ms(i));
-    }
+    serve(&mut e, o, (100, 1, 0));
     assert_eq!(e.slots[0].log.len(), 0);
     // A limit of 5: only the last 5 completions are kept (the window never needs more).
     let settings = Settings {
