@@ -11,6 +11,21 @@ fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
 }
 
+/// `n` calls per second, with no safety margin (the window is exactly one second).
+fn exact_per_second(n: u32) -> RateLimit {
+    RateLimit::per_second(n)
+        .unwrap()
+        .with_margin(Duration::ZERO)
+}
+
+/// The default settings with `limits` configured.
+fn limited(limits: Vec<RateLimit>) -> Settings {
+    Settings {
+        limits,
+        ..Settings::default()
+    }
+}
+
 fn engine(n: u32, strategy: Strategy, settings: Settings, origin: Instant) -> Engine {
     let mut e = Engine::new(settings, strategy, Some(42), origin);
     for i in 0..n {
@@ -252,13 +267,8 @@ fn disabled_keys_are_skipped_until_enabled_and_all_gone_means_no_usable_keys() {
 #[test]
 fn configured_window_is_never_exceeded_and_wait_time_is_exact() {
     let o = t0();
-    let lim = RateLimit::per_second(3)
-        .unwrap()
-        .with_margin(Duration::ZERO);
-    let settings = Settings {
-        limits: vec![lim],
-        ..Settings::default()
-    };
+    let lim = exact_per_second(3);
+    let settings = limited(vec![lim]);
     let mut e = engine(1, Strategy::Random, settings, o);
     for i in 0..3 {
         let t = grant(&mut e, o + ms(i * 100));
@@ -298,10 +308,7 @@ fn configured_window_is_never_exceeded_and_wait_time_is_exact() {
 #[test]
 fn calls_in_flight_fill_the_window_until_they_finish() {
     let o = t0();
-    let settings = Settings {
-        limits: vec![RateLimit::per_second(2).unwrap()],
-        ..Settings::default()
-    };
+    let settings = limited(vec![RateLimit::per_second(2).unwrap()]);
     let mut e = engine(1, Strategy::Random, settings, o);
     let a = grant(&mut e, o);
     let _b = grant(&mut e, o);
@@ -326,17 +333,12 @@ fn calls_in_flight_fill_the_window_until_they_finish() {
 #[test]
 fn several_windows_combine() {
     let o = t0();
-    let settings = Settings {
-        limits: vec![
-            RateLimit::per_second(2)
-                .unwrap()
-                .with_margin(Duration::ZERO),
-            RateLimit::per_minute(3)
-                .unwrap()
-                .with_margin(Duration::ZERO),
-        ],
-        ..Settings::default()
-    };
+    let settings = limited(vec![
+        exact_per_second(2),
+        RateLimit::per_minute(3)
+            .unwrap()
+            .with_margin(Duration::ZERO),
+    ]);
     let mut e = engine(1, Strategy::Random, settings, o);
     for at in [o, o, o + ms(1000)] {
         if at > o {
@@ -511,15 +513,7 @@ fn scope_cools_when_several_keys_are_refused_together() {
 fn scope_wide_marker_cools_the_scope_at_once_and_scope_limits_hold() {
     let o = t0();
     let mut e = Engine::new(Settings::default(), Strategy::RoundRobin, Some(1), o);
-    e.define_scope(
-        "acct",
-        vec![
-            RateLimit::per_second(3)
-                .unwrap()
-                .with_margin(Duration::ZERO),
-        ],
-        0,
-    );
+    e.define_scope("acct", vec![exact_per_second(3)], 0);
     for name in ["a1", "a2"] {
         e.add_key(Arc::from(name), 1, Some("acct"), o);
     }
@@ -635,14 +629,7 @@ fn a_key_that_stops_learning_keeps_its_history_under_configured_limits() {
     let mut e = engine(1, Strategy::Random, Settings::default(), o);
     serve(&mut e, o, (3, 1, 0));
     // A limit of 3 per second is configured: the three calls just made fill the window.
-    e.apply_settings(Settings {
-        limits: vec![
-            RateLimit::per_second(3)
-                .unwrap()
-                .with_margin(Duration::ZERO),
-        ],
-        ..Settings::default()
-    });
+    e.apply_settings(limited(vec![exact_per_second(3)]));
     assert_eq!(
         e.acquire(o + ms(3), &[]),
         Acquire::Wait {
@@ -655,26 +642,9 @@ fn a_key_that_stops_learning_keeps_its_history_under_configured_limits() {
 fn apply_settings_keeps_history() {
     let o = t0();
     let mut e = engine(1, Strategy::Random, Settings::default(), o);
-    e.apply_settings(Settings {
-        limits: vec![
-            RateLimit::per_second(100)
-                .unwrap()
-                .with_margin(Duration::ZERO),
-        ],
-        ..Settings::default()
-    });
-    for _ in 0..3 {
-        let t = grant(&mut e, o);
-        e.report(t, Some(Outcome::Success), o);
-    }
-    e.apply_settings(Settings {
-        limits: vec![
-            RateLimit::per_second(3)
-                .unwrap()
-                .with_margin(Duration::ZERO),
-        ],
-        ..Settings::default()
-    });
+    e.apply_settings(limited(vec![exact_per_second(100)]));
+    serve(&mut e, o, (3, 0, 0));
+    e.apply_settings(limited(vec![exact_per_second(3)]));
     assert_eq!(
         e.acquire(o, &[]),
         Acquire::Wait {
@@ -729,10 +699,7 @@ fn keys_without_limits_keep_no_log_and_limited_keys_keep_one_window() {
     serve(&mut e, o, (100, 1, 0));
     assert_eq!(e.slots[0].log.len(), 0);
     // A limit of 5: only the last 5 completions are kept (the window never needs more).
-    let settings = Settings {
-        limits: vec![RateLimit::new(5, Duration::from_millis(10)).unwrap()],
-        ..Settings::default()
-    };
+    let settings = limited(vec![RateLimit::new(5, Duration::from_millis(10)).unwrap()]);
     let mut e = engine(1, Strategy::RoundRobin, settings, o);
     for i in 0..100 {
         let now = o + ms(i * 10);
