@@ -1,11 +1,9 @@
 //! Building and running the application (zero2prod's `Application`).
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use axum::serve::ListenerExt;
 use secrecy::{ExposeSecret, SecretString};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -166,18 +164,13 @@ impl Application {
         });
         self.state.engines.spawn_background(token.clone());
         let engines = self.state.engines.clone();
-        let router = app(self.state);
-        // Answers go out at once (a proxied answer is one write; Nagle would only hold it back).
-        let listener = self.listener.tap_io(|tcp| {
-            if let Err(e) = tcp.set_nodelay(true) {
-                tracing::debug!(error = %e, "TCP_NODELAY not set on an accepted connection");
-            }
-        });
-        let result = axum::serve(
-            listener,
-            router.into_make_service_with_connect_info::<SocketAddr>(),
+        let router = app(self.state.clone());
+        let result = crate::http::serve(
+            self.listener,
+            self.state,
+            router,
+            shutdown_signal(token.clone()),
         )
-        .with_graceful_shutdown(shutdown_signal(token.clone()))
         .await;
         token.cancel();
         engines.close().await;

@@ -42,7 +42,7 @@ pub(crate) async fn live_status(
     pool: &str,
 ) -> Option<ProxyStatus> {
     let caller = ProxyCaller {
-        user_id: user.id.clone(),
+        user_id: user.id.as_str().into(),
     };
     let param = PoolParam {
         pool: pool.to_owned(),

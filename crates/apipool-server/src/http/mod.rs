@@ -12,6 +12,7 @@ pub mod keys;
 mod openapi;
 pub mod pools;
 pub mod proxy;
+mod serve;
 pub mod stats;
 pub mod types;
 pub mod users;
@@ -125,24 +126,16 @@ pub fn api() -> (Router<AppState>, utoipa::openapi::OpenApi) {
     (router, doc)
 }
 
-/// The whole application.
+/// The application's router: every route but the transparent proxy route.
 ///
-/// The transparent proxy route (`/api/v1/proxy/{pool}/http/...`, the hot path) takes a lane of
-/// its own with one middleware, [`observe`] (request id, span, metrics), instead of the general
-/// stack (tower-http's request-id and trace layers, the body limit, the metrics route layer, the
-/// `/api/v1` nest): per proxied request that stack cost more than the proxy's own work. Both give
-/// the same request ids, spans and metrics.
+/// The transparent proxy route (`/api/v1/proxy/{pool}/http/...`, the hot path) is served before
+/// the router ([`serve`]) with one wrapper, [`observe`] (request id, span, metrics), instead of
+/// the general stack (tower-http's request-id and trace layers, the body limit, the metrics route
+/// layer, the `/api/v1` nest) and the router's own per-request work: per proxied request these
+/// cost more than the proxy's own work. Both give the same request ids, spans and metrics.
 pub fn app(state: AppState) -> Router {
     let (api, openapi) = api();
     let prometheus = crate::telemetry::prometheus();
-    let proxy_lane = Router::new()
-        .route(proxy::HTTP_ROUTE, axum::routing::any(proxy::http_proxy))
-        .route(
-            proxy::HTTP_ROUTE_REST,
-            axum::routing::any(proxy::http_proxy),
-        )
-        .layer(middleware::from_fn(observe))
-        .with_state(state.clone());
     Router::new()
         .merge(api)
         .merge(crate::dashboard::router(&state))
@@ -163,8 +156,9 @@ pub fn app(state: AppState) -> Router {
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(SetRequestIdLayer::x_request_id(FastRequestId))
         .with_state(state)
-        .merge(proxy_lane)
 }
+
+pub(crate) use serve::serve;
 
 /// The largest request body the general routes read, unless a route sets its own (key import;
 /// the proxy lane has its own limit).
@@ -296,11 +290,15 @@ impl MakeRequestId for FastRequestId {
     }
 }
 
-/// The proxy lane's one middleware: what the general stack does for every other route, in one
+/// The proxy lane's one wrapper: what the general stack does for every other route, in one
 /// step. Keeps the caller's `x-request-id` (else sets a fresh one) and returns it on the answer,
-/// runs the request in [`request_span`], records the route's metrics ([`record_metrics`]) and,
-/// like tower-http's trace layer, logs a 5xx answer as an error.
-async fn observe(mut req: Request, next: Next) -> Response {
+/// runs `handle` in [`request_span`], records the route's metrics ([`record_metrics`], under the
+/// route template `route`) and, like tower-http's trace layer, logs a 5xx answer as an error.
+async fn observe<B, F, Fut>(route: &'static str, mut req: http::Request<B>, handle: F) -> Response
+where
+    F: FnOnce(http::Request<B>) -> Fut,
+    Fut: Future<Output = Response>,
+{
     use tracing::Instrument as _;
     let start = Instant::now();
     let id = match req.headers().get(X_REQUEST_ID) {
@@ -311,8 +309,7 @@ async fn observe(mut req: Request, next: Next) -> Response {
     };
     let span = request_span(&req);
     let method = method_label(req.method());
-    let route = matched_route(&req);
-    let mut resp = next.run(req).instrument(span.clone()).await;
+    let mut resp = handle(req).instrument(span.clone()).await;
     if let Some(id) = id {
         resp.headers_mut().entry(X_REQUEST_ID).or_insert(id);
     }
@@ -322,7 +319,7 @@ async fn observe(mut req: Request, next: Next) -> Response {
             tracing::error!(status = resp.status().as_u16(), latency = ?latency, "response failed");
         });
     }
-    record_metrics(method, route, resp.status(), latency);
+    record_metrics(method, route.into(), resp.status(), latency);
     resp
 }
 

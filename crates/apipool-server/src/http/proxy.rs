@@ -50,7 +50,7 @@ const BUFFER_RESPONSE_UP_TO: u64 = 64 * 1024;
 pub const MAX_INVOKE_RESPONSE: usize = 32 * 1024 * 1024;
 
 #[derive(OpenApi)]
-#[openapi(paths(http_proxy))]
+#[openapi(paths(lane))]
 struct HttpRouteDoc;
 
 pub(super) fn router() -> OpenApiRouter<AppState> {
@@ -61,9 +61,35 @@ pub(super) fn router() -> OpenApiRouter<AppState> {
     // The transparent route is served by its own lane (`super::app`); its OpenAPI entry is here.
 }
 
-/// The transparent route without a path, and with one.
+/// The transparent route without a path, and with one (the route templates of its metrics).
 pub(crate) const HTTP_ROUTE: &str = "/api/v1/proxy/{pool}/http";
 pub(crate) const HTTP_ROUTE_REST: &str = "/api/v1/proxy/{pool}/http/{*path}";
+
+/// The transparent route's template when `path` is on it: `/api/v1/proxy/{pool}/http`, or
+/// `/api/v1/proxy/{pool}/http/` and at least one more character (the router matched the same
+/// paths; `{pool}` may be empty, it is then an unknown pool).
+pub(crate) fn lane_route(path: &str) -> Option<&'static str> {
+    let rest = path.strip_prefix("/api/v1/proxy/")?;
+    let (_pool, after) = rest.split_once('/')?;
+    match after.strip_prefix("http")? {
+        "" => Some(HTTP_ROUTE),
+        tail if tail.len() > 1 && tail.starts_with('/') => Some(HTTP_ROUTE_REST),
+        _ => None,
+    }
+}
+
+/// `{pool}` of a path on the transparent route, percent-decoded.
+fn lane_pool(path: &str) -> Result<std::borrow::Cow<'_, str>, ApiError> {
+    let segment = path
+        .strip_prefix("/api/v1/proxy/")
+        .and_then(|rest| rest.split_once('/'))
+        .map_or("", |(pool, _)| pool);
+    percent_encoding::percent_decode_str(segment)
+        .decode_utf8()
+        .map_err(|_| {
+            ApiError::Unprocessable("path: Invalid URL: Invalid UTF-8 in `pool`".to_owned())
+        })
+}
 
 /// The caller of a proxy route: a valid access token of an active account.
 ///
@@ -73,14 +99,16 @@ pub(crate) const HTTP_ROUTE_REST: &str = "/api/v1/proxy/{pool}/http/{*path}";
 #[derive(Debug, Clone)]
 pub struct ProxyCaller {
     /// User id.
-    pub user_id: String,
+    pub user_id: Arc<str>,
 }
 
-impl FromRequestParts<AppState> for ProxyCaller {
-    type Rejection = ApiError;
-
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let value = parts.headers.get(header::AUTHORIZATION).ok_or_else(|| {
+impl ProxyCaller {
+    /// The caller of a request with these headers.
+    pub(crate) async fn from_headers(
+        headers: &http::HeaderMap,
+        state: &AppState,
+    ) -> Result<Self, ApiError> {
+        let value = headers.get(header::AUTHORIZATION).ok_or_else(|| {
             ApiError::Unauthorized(
                 "not authenticated: send `Authorization: Bearer <access_token>`".to_owned(),
             )
@@ -108,9 +136,15 @@ impl FromRequestParts<AppState> for ProxyCaller {
             }
         };
         state.engines.check_user_active(&user_id).await?;
-        Ok(Self {
-            user_id: user_id.to_string(),
-        })
+        Ok(Self { user_id })
+    }
+}
+
+impl FromRequestParts<AppState> for ProxyCaller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        Self::from_headers(&parts.headers, state).await
     }
 }
 
@@ -640,13 +674,18 @@ fn raw_rest(path: &str) -> &str {
               (status = 422, body = ErrorBody, description = "The pool has no upstream"),
               (status = 429, body = ErrorBody), (status = 502, body = ErrorBody),
               (status = 503, body = ErrorBody), (status = 504, body = ErrorBody)))]
-pub(crate) async fn http_proxy(
-    State(state): State<AppState>,
-    caller: ProxyCaller,
-    AppPath(p): AppPath<PoolParam>,
-    req: Request,
-) -> Response {
-    match http_inner(&state, &caller, &p.pool, req).await {
+pub(crate) async fn lane(state: &AppState, req: http::Request<Incoming>) -> Response {
+    let (parts, body) = req.into_parts();
+    let caller = match ProxyCaller::from_headers(&parts.headers, state).await {
+        Ok(c) => c,
+        Err(e) => return e.into_response(),
+    };
+    let pool = match lane_pool(parts.uri.path()) {
+        Ok(p) => p.into_owned(),
+        Err(e) => return e.into_response(),
+    };
+    let req = Request::from_parts(parts, Body::new(body));
+    match http_inner(state, &caller, &pool, req).await {
         Ok(r) => r,
         Err(e) => e.into_plain(),
     }
@@ -741,6 +780,32 @@ fn too_large() -> ProxyError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_lane_takes_the_paths_the_router_took() {
+        let lane = |p| lane_route(p);
+        assert_eq!(lane("/api/v1/proxy/p/http"), Some(HTTP_ROUTE));
+        assert_eq!(lane("/api/v1/proxy/p/http/x"), Some(HTTP_ROUTE_REST));
+        assert_eq!(lane("/api/v1/proxy/p/http/a/b?c"), Some(HTTP_ROUTE_REST));
+        assert_eq!(lane("/api/v1/proxy//http/x"), Some(HTTP_ROUTE_REST));
+        for other in [
+            "/api/v1/proxy/p/http/",
+            "/api/v1/proxy/p/httpx",
+            "/api/v1/proxy/p/invoke",
+            "/api/v1/proxy/p/status",
+            "/api/v1/proxy/p",
+            "/api/v1/pools/p/http/x",
+            "/api/v2/proxy/p/http/x",
+        ] {
+            assert_eq!(lane(other), None, "{other}");
+        }
+        assert_eq!(lane_pool("/api/v1/proxy/a%20b/http/x").unwrap(), "a b");
+        assert_eq!(lane_pool("/api/v1/proxy//http").unwrap(), "");
+        assert!(matches!(
+            lane_pool("/api/v1/proxy/%ff/http/x"),
+            Err(ApiError::Unprocessable(_))
+        ));
+    }
 
     #[test]
     fn the_rest_of_the_path_is_taken_raw() {
