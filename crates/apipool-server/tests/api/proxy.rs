@@ -5,7 +5,7 @@ use mock_upstream::price_for;
 use serde_json::{Value, json};
 
 use crate::both_backends;
-use crate::helpers::{Backend, spawn_app};
+use crate::helpers::{Backend, expect_error, spawn_app};
 use crate::proxy_helpers::{
     add_key, answer, get_via_invoke, invoke, key_health, make_pool, mock, status, upstream,
 };
@@ -392,4 +392,91 @@ async fn status_reports_counts_and_health(backend: Backend) {
     let a = get_via_invoke(&app, &t, "st", "/price", json!({"id": "x"})).await;
     assert_eq!(a.status, 503, "{}", a.body);
     assert!(a.body["detail"].as_str().unwrap().contains("disabled"));
+}
+
+/// The transparent route is told from the path and served before the router: over HTTP/1 and
+/// HTTP/2 (prior knowledge) like every route, with a request id and metrics under its template,
+/// and the paths beside it (an empty rest, an undecodable pool name) answered as the router did.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_transparent_route_is_served_before_the_router() {
+    let app = spawn_app(Backend::Sqlite).await;
+    let t = app.admin_token.clone();
+    let up = mock(&["sk-lane-key"]).await;
+    add_key(&app, &t, "l", "sk-lane-key", None).await;
+    make_pool(
+        &app,
+        &t,
+        "lane",
+        &["l"],
+        upstream(&format!("{}/echo", up.url()), "bearer"),
+    )
+    .await;
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    for client in [&app.client, &h2] {
+        let r = client
+            .get(app.api("/proxy/lane/http/items?q=1"))
+            .bearer_auth(&t)
+            .header("x-request-id", "lane-req-1")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["x-request-id"], "lane-req-1");
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["path"], "/echo/items");
+        assert_eq!(v["headers"]["authorization"], "Bearer sk-lane-key");
+        let r = client.get(app.url("/health")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert!(r.headers().contains_key("x-request-id"));
+    }
+    let r = h2
+        .get(app.api("/proxy/lane/http"))
+        .bearer_auth(&t)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.version(), reqwest::Version::HTTP_2);
+    assert_eq!(r.status(), 200);
+    // Beside the route: what the router answers.
+    let r = app
+        .client
+        .get(app.api("/proxy/lane/http/"))
+        .bearer_auth(&t)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(expect_error(r, 404).await, "Not Found");
+    let r = app
+        .client
+        .get(app.api("/proxy/%ff/http/x"))
+        .bearer_auth(&t)
+        .send()
+        .await
+        .unwrap();
+    assert!(expect_error(r, 422).await.contains("Invalid UTF-8"));
+    let r = app
+        .client
+        .get(app.api("/proxy/lane/http/x"))
+        .send()
+        .await
+        .unwrap();
+    assert!(expect_error(r, 401).await.contains("not authenticated"));
+    let metrics = app
+        .client
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains(
+        r#"http_requests_total{method="GET",route="/api/v1/proxy/{pool}/http/{*path}",status="200"}"#
+    ));
+    assert!(metrics.contains(
+        r#"http_requests_total{method="GET",route="/api/v1/proxy/{pool}/http",status="200"}"#
+    ));
 }
