@@ -26,15 +26,7 @@ async fn health_ready_metrics_docs(backend: Backend) {
         .await;
     let r = app.get(&app.admin_token, "/keys/metric-key-7").await;
     assert_eq!(r.status(), 200);
-    let text = app
-        .client
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = app.metrics().await;
     assert!(text.contains("http_requests_total"), "{text}");
     assert!(text.contains("http_request_duration_seconds_bucket"));
     assert!(text.contains("route=\"/api/v1/keys/{identifier}\""));

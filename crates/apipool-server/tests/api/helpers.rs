@@ -215,6 +215,12 @@ impl TestApp {
         (self.config.clone(), dir, pg)
     }
 
+    /// The Prometheus text of `/metrics`.
+    pub(crate) async fn metrics(&self) -> String {
+        let r = self.client.get(self.url("/metrics")).send().await.unwrap();
+        r.text().await.unwrap()
+    }
+
     pub(crate) async fn login_raw(&self, user: &str, password: &str) -> reqwest::Response {
         self.client
             .post(self.api("/auth/login"))

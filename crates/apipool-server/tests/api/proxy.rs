@@ -464,15 +464,7 @@ async fn the_transparent_route_is_served_before_the_router() {
         .await
         .unwrap();
     assert!(expect_error(r, 401).await.contains("not authenticated"));
-    let metrics = app
-        .client
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics().await;
     assert!(metrics.contains(
         r#"http_requests_total{method="GET",route="/api/v1/proxy/{pool}/http/{*path}",status="200"}"#
     ));
