@@ -306,9 +306,13 @@ impl apipool::Clock for SharedEngineClock {
     }
 }
 
-type ByName = HashMap<String, HashMap<String, Arc<LivePool>>>;
+/// The hasher of the maps every proxied request reads (the token cache hashes a ~200-byte JWT):
+/// foldhash (seeded per process), several times faster than the standard SipHash on such keys.
+/// Entries are only added for verified tokens, existing users and their pools.
+type Fast = foldhash::fast::RandomState;
+type ByName = HashMap<String, HashMap<String, Arc<LivePool>, Fast>, Fast>;
 /// Access tokens verified before: token → (user id, expiry in unix seconds).
-type TokenCache = HashMap<Box<str>, (Arc<str>, i64)>;
+type TokenCache = HashMap<Box<str>, (Arc<str>, i64), Fast>;
 
 /// The registry of live pool engines (see the module docs).
 pub struct Engines {
@@ -321,7 +325,7 @@ pub struct Engines {
     by_id: RwLock<HashMap<String, Arc<LivePool>>>,
     by_name: RwLock<ByName>,
     building: parking_lot::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
-    users: RwLock<HashMap<String, (bool, Instant)>>,
+    users: RwLock<HashMap<String, (bool, Instant), Fast>>,
     tokens: RwLock<TokenCache>,
     /// Where the database is (the replicas' change listener opens its own connection).
     database_url: String,
@@ -420,10 +424,10 @@ impl Engines {
             upstream,
             clock: RwLock::new(Arc::new(apipool::SystemClock)),
             by_id: RwLock::new(HashMap::new()),
-            by_name: RwLock::new(HashMap::new()),
+            by_name: RwLock::new(HashMap::default()),
             building: parking_lot::Mutex::new(HashMap::new()),
-            users: RwLock::new(HashMap::new()),
-            tokens: RwLock::new(HashMap::new()),
+            users: RwLock::new(HashMap::default()),
+            tokens: RwLock::new(HashMap::default()),
             database_url: database_url.to_owned(),
             replica: uuid::Uuid::new_v4().simple().to_string(),
             changed_while_building: parking_lot::Mutex::new(std::collections::HashSet::new()),

@@ -355,19 +355,58 @@ fn matched_route(req: &Request) -> metrics::SharedString {
 }
 
 /// Counts one request and its latency under its method, matched route and status.
+///
+/// The recorder's handles are kept per label set ([`metric_handles`]): asking the recorder for
+/// them builds and hashes a key from the labels, which cost as much as the rest of the
+/// bookkeeping of a proxied request.
 fn record_metrics(
     method: metrics::SharedString,
     route: metrics::SharedString,
     status: http::StatusCode,
     latency: std::time::Duration,
 ) {
+    let (requests, duration) = metric_handles(method, route, status);
+    requests.increment(1);
+    duration.record(latency.as_secs_f64());
+}
+
+/// Label sets whose handles are kept; beyond this many (unusual methods), handles are looked up
+/// per request as before.
+const KEPT_LABEL_SETS: usize = 4096;
+
+type LabelSet = (metrics::SharedString, metrics::SharedString, u16);
+type Handles = (metrics::Counter, metrics::Histogram);
+
+/// The counter and histogram of one label set, from the recorder the first time.
+fn metric_handles(
+    method: metrics::SharedString,
+    route: metrics::SharedString,
+    status: http::StatusCode,
+) -> Handles {
+    static KEPT: std::sync::OnceLock<
+        parking_lot::RwLock<
+            std::collections::HashMap<LabelSet, Handles, foldhash::fast::RandomState>,
+        >,
+    > = std::sync::OnceLock::new();
+    let kept = KEPT.get_or_init(Default::default);
+    let key = (method, route, status.as_u16());
+    if let Some(h) = kept.read().get(&key) {
+        return h.clone();
+    }
     let labels = [
-        ("method", method),
-        ("route", route),
+        ("method", key.0.clone()),
+        ("route", key.1.clone()),
         ("status", status_label(status)),
     ];
-    metrics::counter!("http_requests_total", &labels).increment(1);
-    metrics::histogram!("http_request_duration_seconds", &labels).record(latency.as_secs_f64());
+    let handles = (
+        metrics::counter!("http_requests_total", &labels),
+        metrics::histogram!("http_request_duration_seconds", &labels),
+    );
+    let mut kept = kept.write();
+    if kept.len() < KEPT_LABEL_SETS {
+        kept.insert(key, handles.clone());
+    }
+    handles
 }
 
 /// The status as a metrics label, without allocating for the usual ones.
