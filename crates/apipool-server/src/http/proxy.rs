@@ -58,32 +58,35 @@ pub(super) fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(invoke))
         .routes(routes!(call))
         .routes(routes!(proxy_status))
-    // The transparent route is served by its own lane (`super::app`); its OpenAPI entry is here.
+    // The transparent route is served before the router (`super::serve`); its OpenAPI entry
+    // is here.
 }
 
 /// The transparent route without a path, and with one (the route templates of its metrics).
 pub(crate) const HTTP_ROUTE: &str = "/api/v1/proxy/{pool}/http";
 pub(crate) const HTTP_ROUTE_REST: &str = "/api/v1/proxy/{pool}/http/{*path}";
 
-/// The transparent route's template when `path` is on it: `/api/v1/proxy/{pool}/http`, or
-/// `/api/v1/proxy/{pool}/http/` and at least one more character (the router matched the same
-/// paths; `{pool}` may be empty, it is then an unknown pool).
-pub(crate) fn lane_route(path: &str) -> Option<&'static str> {
+/// A path on the transparent route: its template and its raw `{pool}` segment. The route is
+/// `/api/v1/proxy/{pool}/http`, or `/api/v1/proxy/{pool}/http/` and at least one more character
+/// (the router matched the same paths; `{pool}` may be empty, it is then an unknown pool).
+fn lane_parts(path: &str) -> Option<(&'static str, &str)> {
     let rest = path.strip_prefix("/api/v1/proxy/")?;
-    let (_pool, after) = rest.split_once('/')?;
+    let (pool, after) = rest.split_once('/')?;
     match after.strip_prefix("http")? {
-        "" => Some(HTTP_ROUTE),
-        tail if tail.len() > 1 && tail.starts_with('/') => Some(HTTP_ROUTE_REST),
+        "" => Some((HTTP_ROUTE, pool)),
+        tail if tail.len() > 1 && tail.starts_with('/') => Some((HTTP_ROUTE_REST, pool)),
         _ => None,
     }
 }
 
+/// The transparent route's template when `path` is on it.
+pub(crate) fn lane_route(path: &str) -> Option<&'static str> {
+    lane_parts(path).map(|(route, _)| route)
+}
+
 /// `{pool}` of a path on the transparent route, percent-decoded.
 fn lane_pool(path: &str) -> Result<std::borrow::Cow<'_, str>, ApiError> {
-    let segment = path
-        .strip_prefix("/api/v1/proxy/")
-        .and_then(|rest| rest.split_once('/'))
-        .map_or("", |(pool, _)| pool);
+    let segment = lane_parts(path).map_or("", |(_, pool)| pool);
     percent_encoding::percent_decode_str(segment)
         .decode_utf8()
         .map_err(|_| {
