@@ -172,9 +172,7 @@ pub(crate) async fn login(
         None => state.dummy_hash.to_string(),
     };
     let password = body.password;
-    let ok = tokio::task::spawn_blocking(move || verify_password(&password, &hash))
-        .await
-        .map_err(anyhow::Error::from)?;
+    let ok = crate::auth::hashing(move || verify_password(&password, &hash)).await?;
     let Some(row) = row.filter(|_| ok) else {
         state.throttle.record_failure(&body.username, ip);
         return Err(invalid_credentials());
@@ -358,9 +356,7 @@ pub(crate) async fn create_user(
     password: SecretString,
     role: &str,
 ) -> ApiResult<UserOut> {
-    let hash = tokio::task::spawn_blocking(move || crate::auth::hash_password(&password))
-        .await
-        .map_err(anyhow::Error::from)??;
+    let hash = crate::auth::hashing(move || crate::auth::hash_password(&password)).await??;
     let id = uuid::Uuid::new_v4().to_string();
     let now = state.clock.now_ms();
     sqlx::query(
