@@ -95,19 +95,13 @@ struct RotateArgs {
     new_key_file: Option<PathBuf>,
 }
 
-/// The async runtime: one worker per core, or for `serve --workers N` N workers (1: a
-/// current-thread runtime, everything on the main thread).
+/// The async runtime. `serve` runs on one thread (the accept loop, the statistics writer,
+/// background work; with `--workers 1` the requests too) and serves requests on its own
+/// serving threads (one per core, or `--workers N`, each with its own runtime); the other
+/// commands on one worker per core.
 fn runtime_for(command: &Command) -> std::io::Result<tokio::runtime::Runtime> {
     match command {
-        Command::Serve(ServeArgs {
-            workers: Some(n), ..
-        }) if n.get() == 1 => tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build(),
-        Command::Serve(ServeArgs {
-            workers: Some(n), ..
-        }) => tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(n.get())
+        Command::Serve(_) => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build(),
         _ => tokio::runtime::Builder::new_multi_thread()

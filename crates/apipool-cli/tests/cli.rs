@@ -252,6 +252,26 @@ fn admin_credentials_and_options_from_the_environment() {
 
 #[test]
 fn serve_on_one_worker_thread_proxies_then_stops_gracefully() {
+    serve_proxies_then_stops_gracefully("1", 0);
+}
+
+#[test]
+fn serve_on_three_serving_threads_proxies_then_stops_gracefully() {
+    serve_proxies_then_stops_gracefully("3", 3);
+}
+
+/// Names of a process's threads.
+fn thread_names(pid: u32) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("/proc/PID/task")
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|n| n.trim().to_owned())
+        .collect()
+}
+
+/// `serve --workers WORKERS` runs SERVING_THREADS serving threads (none for 1: everything on
+/// the main thread), proxies concurrent calls and exits cleanly on SIGTERM.
+fn serve_proxies_then_stops_gracefully(workers: &str, serving_threads: usize) {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let up = rt
         .block_on(mock_upstream::spawn(
@@ -262,7 +282,7 @@ fn serve_on_one_worker_thread_proxies_then_stops_gracefully() {
     let mut server = serve(
         dir.path(),
         &[
-            ("APIPOOL_WORKERS", "1"),
+            ("APIPOOL_WORKERS", workers),
             ("APIPOOL_ADMIN_PASSWORD", "one-thread-admin-pw"),
         ],
     );
@@ -297,7 +317,17 @@ fn serve_on_one_worker_thread_proxies_then_stops_gracefully() {
         serde_json::json!({"identifier": "solo", "name": "solo", "key_identifiers": ["k1"],
             "upstream": {"base_url": up.url(), "auth": "bearer"}}),
     );
-    // Concurrent calls through the proxy, all served by the one thread.
+    let serving = thread_names(server.child.id())
+        .into_iter()
+        .filter(|n| n.starts_with("apipool-serve-"))
+        .count();
+    assert_eq!(
+        serving,
+        serving_threads,
+        "{:?}",
+        thread_names(server.child.id())
+    );
+    // Concurrent calls through the proxy, on as many connections.
     std::thread::scope(|s| {
         for t in 0..4 {
             let (client, base, token) = (&client, &base, &token);

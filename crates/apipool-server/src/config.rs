@@ -57,6 +57,8 @@ pub struct Config {
     pub redis_prefix: String,
     /// What the proxy does while Redis cannot be reached.
     pub redis_on_unavailable: RedisFailMode,
+    /// Threads serving requests; `None`: one per core ([`Config::serving_threads`]).
+    pub workers: Option<std::num::NonZeroUsize>,
 }
 
 /// What the proxy does while Redis cannot be reached (`APIPOOL_REDIS_ON_UNAVAILABLE`).
@@ -94,6 +96,7 @@ impl Default for Config {
             redis_url: None,
             redis_prefix: "apipool".to_owned(),
             redis_on_unavailable: RedisFailMode::Closed,
+            workers: None,
         }
     }
 }
@@ -105,6 +108,17 @@ impl Config {
             data_dir: dir.as_ref().to_owned(),
             ..Self::default()
         }
+    }
+
+    /// Serving threads for [`crate::startup::Application::run_until_stopped`]: `workers`, by
+    /// default one per core; 0 (for `workers` = 1 or a one-core machine) serves on the
+    /// caller's runtime.
+    pub fn serving_threads(&self) -> usize {
+        let n = self.workers.map_or_else(
+            || std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),
+            std::num::NonZeroUsize::get,
+        );
+        if n == 1 { 0 } else { n }
     }
 
     /// The database URL in effect.
@@ -199,11 +213,11 @@ pub struct ServeArgs {
     #[arg(long, env = "APIPOOL_REDIS_PREFIX")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub redis_prefix: Option<String>,
-    /// Threads serving requests [default: one per core]. With 1 every request is served on one
-    /// thread with no hand-off between threads: the least CPU per request, for a machine whose
-    /// other cores are busy (e.g. with the upstream or the load generator)
+    /// Threads serving requests [default: one per core]. Each serves its connections on its
+    /// own runtime, with its own upstream connections, so a request never changes threads.
+    /// With 1 everything, requests included, runs on one thread
     #[arg(long, env = "APIPOOL_WORKERS")]
-    #[serde(skip)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub workers: Option<std::num::NonZeroUsize>,
     /// Storage options.
     #[command(flatten)]

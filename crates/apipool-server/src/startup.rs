@@ -83,7 +83,7 @@ impl Application {
             config.login_max_failures_per_user,
             config.login_max_failures_per_ip,
         );
-        let dummy_hash = tokio::task::spawn_blocking(|| {
+        let dummy_hash = crate::auth::hashing(|| {
             crate::auth::hash_password(&SecretString::from("apipool-dummy-password"))
         })
         .await??;
@@ -165,16 +165,25 @@ impl Application {
         self.state.engines.spawn_background(token.clone());
         let engines = self.state.engines.clone();
         let router = app(self.state.clone());
-        let result = crate::http::serve(
+        let threads = self.state.config.serving_threads();
+        let served = crate::http::serve(
             self.listener,
             self.state,
             router,
             shutdown_signal(token.clone()),
+            threads,
         )
         .await;
         token.cancel();
         engines.close().await;
-        result
+        // After the last flush: it may use connections the serving threads' runtimes drive.
+        match served {
+            Ok(threads) => {
+                threads.release().await;
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
     }
 }
 

@@ -428,7 +428,8 @@ async fn invoke_call(
         body: call.body,
         key_base_first: true,
     };
-    let upstream = state.engines.upstream();
+    let upstream = state.engines.upstream().for_this_thread();
+    let upstream = &upstream;
     let classifier = HttpClassifier::new();
     let classify = |r: &Result<(u16, http::HeaderMap, Bytes), OpError>| match r {
         Ok((s, h, _)) => classifier.classify_parts(*s, h),
@@ -733,7 +734,8 @@ async fn http_inner(
         key_base_first: false,
     };
     let label: Arc<str> = Arc::from(label(&out.method, out.target.path()));
-    let upstream = state.engines.upstream();
+    let upstream = state.engines.upstream().for_this_thread();
+    let upstream = &upstream;
     let classifier = HttpClassifier::new();
     let classify = |r: &Result<(http::Response<Incoming>, Instant), OpError>| match r {
         Ok((resp, _)) => classifier.classify_parts(resp.status().as_u16(), resp.headers()),

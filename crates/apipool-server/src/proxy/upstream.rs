@@ -64,10 +64,15 @@ fn causes(e: &(dyn std::error::Error + 'static)) -> String {
     text
 }
 
-/// The shared upstream client (cheap to clone).
+/// The upstream client (cheap to clone: clones share one connection pool).
 #[derive(Clone)]
 pub struct Upstream {
-    client: Client<HttpsConnector<HttpConnector>, OutBody>,
+    client: Arc<Client<HttpsConnector<HttpConnector>, OutBody>>,
+}
+
+thread_local! {
+    /// A serving thread's own client ([`Upstream::start_for_this_thread`]).
+    static THIS_THREAD: std::cell::OnceCell<Upstream> = const { std::cell::OnceCell::new() };
 }
 
 impl std::fmt::Debug for Upstream {
@@ -80,6 +85,18 @@ impl Upstream {
     /// A client with keep-alive pooling (up to 1,024 idle connections per host, closed after
     /// 60 s idle), `TCP_NODELAY`, a 10 s connect timeout and the platform's certificate roots.
     pub fn new() -> anyhow::Result<Self> {
+        Self::with_idle_per_host(1024)
+    }
+
+    /// A serving thread's own client keeps fewer idle connections per host. When no idle
+    /// connection is at hand the client opens one, and a connection is handed back to the
+    /// pool by a task of its own; on a busy thread that task runs late, so a burst opens
+    /// connections that would then stay idle. Measured with 1,000 clients on 2 serving
+    /// threads: 1,600 upstream connections open and 150 MB resident with room for 1,024 idle
+    /// ones per thread, 1,000 and 132 MB with 256.
+    const IDLE_PER_HOST_PER_THREAD: usize = 256;
+
+    fn with_idle_per_host(max_idle_per_host: usize) -> anyhow::Result<Self> {
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_nodelay(true);
@@ -98,9 +115,34 @@ impl Upstream {
         let client = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(1024)
+            .pool_max_idle_per_host(max_idle_per_host)
             .build(https);
-        Ok(Self { client })
+        Ok(Self {
+            client: Arc::new(client),
+        })
+    }
+
+    /// Gives the calling thread a client of its own, with its own connection pool, that
+    /// [`Upstream::for_this_thread`] returns on this thread from now on. A serving thread calls
+    /// this: its requests then reuse connections whose tasks run on the same thread, so no
+    /// wake-up crosses threads. Without it (or if it cannot be built) the thread uses the
+    /// shared client.
+    pub fn start_for_this_thread() {
+        match Self::with_idle_per_host(Self::IDLE_PER_HOST_PER_THREAD) {
+            Ok(own) => THIS_THREAD.with(|t| {
+                let _ = t.set(own);
+            }),
+            Err(e) => {
+                tracing::warn!(error = %e, "a serving thread uses the shared upstream client");
+            }
+        }
+    }
+
+    /// The calling thread's own client if it has one, else this (shared) one.
+    pub fn for_this_thread(&self) -> Self {
+        THIS_THREAD
+            .with(|t| t.get().cloned())
+            .unwrap_or_else(|| self.clone())
     }
 
     /// Sends `req`; its answer's head must arrive before `deadline`.

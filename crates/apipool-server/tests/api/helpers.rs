@@ -104,6 +104,7 @@ pub(crate) struct TestApp {
     pub(crate) admin_token: String,
     pg_db: Option<String>,
     shutdown: CancellationToken,
+    server: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
 }
 
 fn pg_admin_url() -> String {
@@ -174,7 +175,7 @@ pub(crate) async fn start(
     let address = format!("http://127.0.0.1:{}", app.port());
     let state = app.state().clone();
     let shutdown = app.shutdown_token();
-    tokio::spawn(app.run_until_stopped());
+    let server = Some(tokio::spawn(app.run_until_stopped()));
     let client = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .timeout(Duration::from_secs(120))
@@ -190,6 +191,7 @@ pub(crate) async fn start(
         admin_token: String::new(),
         pg_db,
         shutdown,
+        server,
     };
     t.admin_token = t.login(ADMIN, ADMIN_PASSWORD).await["access_token"]
         .as_str()
@@ -213,6 +215,19 @@ impl TestApp {
         let pg = self.pg_db.take();
         let dir = std::mem::replace(&mut self.data_dir, tempfile::tempdir().expect("tempdir"));
         (self.config.clone(), dir, pg)
+    }
+
+    /// Stops the server gracefully and waits until it has finished: in-flight requests
+    /// answered, statistics flushed, serving threads ended. Returns the database URL (a new
+    /// connection reads it: the app's pool may hold connections of the ended threads).
+    pub(crate) async fn shut_down(&mut self) -> String {
+        self.shutdown.cancel();
+        let server = self.server.take().expect("the server runs");
+        server
+            .await
+            .expect("the server task")
+            .expect("the server stopped cleanly");
+        self.config.effective_database_url()
     }
 
     /// The Prometheus text of `/metrics`.

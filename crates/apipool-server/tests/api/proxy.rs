@@ -17,6 +17,7 @@ both_backends!(
     http_route_forwards_and_injects_the_key,
     http_route_auth_placements,
     status_reports_counts_and_health,
+    serving_threads_serve_every_route_and_stop_without_losing_a_call,
 );
 
 async fn invoke_reaches_the_upstream_with_a_key(backend: Backend) {
@@ -471,4 +472,108 @@ async fn the_transparent_route_is_served_before_the_router() {
     assert!(metrics.contains(
         r#"http_requests_total{method="GET",route="/api/v1/proxy/{pool}/http",status="200"}"#
     ));
+}
+
+/// Thread ids of this process's serving threads (`apipool-serve-N`).
+fn serving_thread_ids() -> std::collections::BTreeSet<String> {
+    let mut ids = std::collections::BTreeSet::new();
+    for task in std::fs::read_dir("/proc/self/task").expect("/proc/self/task") {
+        let path = task.expect("task").path();
+        if std::fs::read_to_string(path.join("comm"))
+            .is_ok_and(|name| name.starts_with("apipool-serve-"))
+        {
+            ids.insert(
+                path.file_name()
+                    .expect("tid")
+                    .to_string_lossy()
+                    .into_owned(),
+            );
+        }
+    }
+    ids
+}
+
+/// With serving threads (`workers` = 3): the proxy and the router answer over many
+/// connections, a call in flight when the shutdown begins is answered, every call is in the
+/// statistics after the stop, and the threads are gone.
+async fn serving_threads_serve_every_route_and_stop_without_losing_a_call(backend: Backend) {
+    let before = serving_thread_ids();
+    let mut app = crate::helpers::spawn_app_with(backend, |c| {
+        c.workers = std::num::NonZeroUsize::new(3);
+    })
+    .await;
+    let ours: Vec<String> = serving_thread_ids().difference(&before).cloned().collect();
+    assert_eq!(ours.len(), 3, "three serving threads: {ours:?}");
+    let t = app.admin_token.clone();
+    let fast = mock(&["threads-fast-key"]).await;
+    let slow = crate::proxy_helpers::mock_with(&["threads-slow-key"], |c| c.latency_ms = 400).await;
+    add_key(&app, &t, "fast", "threads-fast-key", None).await;
+    add_key(&app, &t, "slow", "threads-slow-key", None).await;
+    make_pool(&app, &t, "fast", &["fast"], upstream(&fast.url(), "bearer")).await;
+    make_pool(&app, &t, "slow", &["slow"], upstream(&slow.url(), "bearer")).await;
+    let mut tasks = Vec::new();
+    for w in 0..12 {
+        // A client each: its own connections, spread over the threads.
+        let client = reqwest::Client::new();
+        let (proxy, pools, t) = (
+            app.api("/proxy/fast/http/price"),
+            app.api("/pools"),
+            t.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            for i in 0..25 {
+                let id = format!("w{w}-{i}");
+                let r = client
+                    .get(&proxy)
+                    .query(&[("id", &id)])
+                    .bearer_auth(&t)
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status(), 200);
+                let v: Value = r.json().await.unwrap();
+                assert_eq!(v["id"], id);
+                if i % 5 == 0 {
+                    let r = client.get(&pools).bearer_auth(&t).send().await.unwrap();
+                    assert_eq!(r.status(), 200);
+                }
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    assert_eq!(fast.stats().admitted_ok(), 300);
+    // A call in flight when the shutdown begins is still answered.
+    let in_flight = tokio::spawn(
+        app.client
+            .get(app.api("/proxy/slow/http/price?id=last"))
+            .bearer_auth(&t)
+            .send(),
+    );
+    while slow.stats().total_requests == 0 {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    let url = app.shut_down().await;
+    let r = in_flight
+        .await
+        .unwrap()
+        .expect("answered during the shutdown");
+    assert_eq!(r.status(), 200);
+    // Every call was recorded before the server stopped.
+    sqlx::any::install_default_drivers();
+    let mut conn = <sqlx::AnyConnection as sqlx::Connection>::connect(&url)
+        .await
+        .unwrap();
+    let events: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM apipool_stats_events")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(events, 301);
+    let left: Vec<String> = ours
+        .iter()
+        .filter(|id| std::path::Path::new(&format!("/proc/self/task/{id}")).exists())
+        .cloned()
+        .collect();
+    assert!(left.is_empty(), "serving threads still running: {left:?}");
 }
