@@ -29,7 +29,7 @@ start_server() {
   local port
   port=$(free_port)
   SERVER="http://127.0.0.1:$port"
-  RUST_LOG=warn APIPOOL_ADMIN_PASSWORD=bench-admin-password \
+  RUST_LOG="${BENCH_LOG:-warn}" APIPOOL_ADMIN_PASSWORD=bench-admin-password \
     "$BIN/apipool" serve --bind "127.0.0.1:$port" --data-dir "$TMP/data" >"$TMP/server.out" 2>&1 &
   SPID=$!
   PIDS+=("$SPID")

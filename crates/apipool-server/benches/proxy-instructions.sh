@@ -52,7 +52,7 @@ api /pools "{\"identifier\":\"load\",\"name\":\"load\",\"rotation_strategy\":\"r
 # out of the count), with one serving thread.
 kill "$SPID"
 wait "$SPID" 2>/dev/null || true
-RUST_LOG=warn APIPOOL_WORKERS=1 valgrind --tool=callgrind --callgrind-out-file="$OUT/apipool.out" \
+RUST_LOG="${BENCH_LOG:-warn}" APIPOOL_WORKERS="${APIPOOL_WORKERS:-1}" valgrind --tool=callgrind --callgrind-out-file="$OUT/apipool.out" \
   "$BIN/apipool" serve --bind "${SERVER#http://}" --data-dir "$TMP/data" >"$TMP/server.out" 2>&1 &
 SPID=$!
 PIDS+=("$SPID")

@@ -254,19 +254,32 @@ pub(crate) async fn discard_body(body: axum::body::Body, announced: Option<u64>)
     let _ = tokio::time::timeout(std::time::Duration::from_secs(5), drain).await;
 }
 
-/// The span of one request. Path only: query strings are not logged.
+/// The span of one request at `$level`. Path only: query strings are not logged.
+macro_rules! request_span {
+    ($level:expr, $req:expr) => {{
+        let req = $req;
+        tracing::span!(
+            $level,
+            "request",
+            method = %req.method(),
+            path = %req.uri().path(),
+            request_id = %request_id(req.headers()),
+        )
+    }};
+}
+
+/// The span of a request to the router: at info, so that whatever its handler logs carries
+/// the method, path and request id.
 fn request_span<B>(req: &http::Request<B>) -> tracing::Span {
-    let request_id = req
-        .headers()
+    request_span!(tracing::Level::INFO, req)
+}
+
+/// A request's id as logged (`-` when it has none).
+fn request_id(headers: &http::HeaderMap) -> &str {
+    headers
         .get(X_REQUEST_ID)
         .and_then(|v| v.to_str().ok())
-        .unwrap_or("-");
-    tracing::info_span!(
-        "request",
-        method = %req.method(),
-        path = %req.uri().path(),
-        request_id = %request_id,
-    )
+        .unwrap_or("-")
 }
 
 const X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
@@ -292,8 +305,14 @@ impl MakeRequestId for FastRequestId {
 
 /// The proxy lane's one wrapper: what the general stack does for every other route, in one
 /// step. Keeps the caller's `x-request-id` (else sets a fresh one) and returns it on the answer,
-/// runs `handle` in [`request_span`], records the route's metrics ([`record_metrics`], under the
-/// route template `route`) and, like tower-http's trace layer, logs a 5xx answer as an error.
+/// runs `handle` in a request span, records the route's metrics ([`record_metrics`], under the
+/// route template `route`) and, like tower-http's trace layer, logs a 5xx answer as an error,
+/// with the method, path and request id in the event itself.
+///
+/// The span is at debug level (tower-http's default), not info as the router's: at the
+/// default log level an info span is built and formatted for every proxied request, ~9,400
+/// instructions of ~83,000 (`proxy-instructions.sh` with `BENCH_LOG=info`), while nothing the
+/// lane logs at info or above needs the request's context but that error.
 async fn observe<B, F, Fut>(route: &'static str, mut req: http::Request<B>, handle: F) -> Response
 where
     F: FnOnce(http::Request<B>) -> Fut,
@@ -307,17 +326,26 @@ where
             req.headers_mut().insert(X_REQUEST_ID, v.clone());
         }),
     };
-    let span = request_span(&req);
+    let span = request_span!(tracing::Level::DEBUG, &req);
     let method = method_label(req.method());
+    // Cheap (shared bytes): the error below names the path.
+    let uri = req.uri().clone();
     let mut resp = handle(req).instrument(span.clone()).await;
-    if let Some(id) = id {
-        resp.headers_mut().entry(X_REQUEST_ID).or_insert(id);
-    }
     let latency = start.elapsed();
     if resp.status().is_server_error() {
         span.in_scope(|| {
-            tracing::error!(status = resp.status().as_u16(), latency = ?latency, "response failed");
+            tracing::error!(
+                status = resp.status().as_u16(),
+                latency = ?latency,
+                method = %method,
+                path = %uri.path(),
+                request_id = %id.as_ref().and_then(|v| v.to_str().ok()).unwrap_or("-"),
+                "response failed"
+            );
         });
+    }
+    if let Some(id) = id {
+        resp.headers_mut().entry(X_REQUEST_ID).or_insert(id);
     }
     record_metrics(method, route.into(), resp.status(), latency);
     resp
