@@ -209,33 +209,42 @@ impl ServingThreads {
         Ok(all)
     }
 
-    /// Hands an accepted connection to the thread with the fewest open connections.
+    /// Hands an accepted connection to the running thread with the fewest open connections.
     fn hand(&mut self, tcp: TcpStream, service: Dispatch) {
-        let n = self.threads.len();
-        let mut best = self.next % n;
-        for i in 1..n {
-            let j = (self.next + i) % n;
-            if self.threads[j].open.load(Ordering::Relaxed)
-                < self.threads[best].open.load(Ordering::Relaxed)
-            {
-                best = j;
-            }
-        }
-        self.next = best + 1;
-        let thread = &self.threads[best];
-        let tcp = match tcp.into_std() {
-            Ok(t) => t,
+        let mut item = match tcp.into_std() {
+            Ok(tcp) => (tcp, service),
             Err(e) => {
                 tracing::debug!(error = %e, "an accepted connection could not be handed over");
                 return;
             }
         };
-        thread.open.fetch_add(1, Ordering::Relaxed);
-        let open = OpenConnection(thread.open.clone());
-        if let Some(tx) = &thread.connections
-            && tx.send((tcp, service, open)).is_err()
-        {
-            tracing::error!("a serving thread has stopped; the connection is dropped");
+        loop {
+            let threads = &self.threads;
+            let Some(best) = least_busy(threads.len(), self.next, |i| {
+                let t = &threads[i];
+                t.connections
+                    .as_ref()
+                    .map(|_| t.open.load(Ordering::Relaxed))
+            }) else {
+                tracing::error!("no serving thread is running; the connection is dropped");
+                return;
+            };
+            self.next = best + 1;
+            let thread = &mut self.threads[best];
+            thread.open.fetch_add(1, Ordering::Relaxed);
+            let open = OpenConnection(thread.open.clone());
+            let Some(tx) = &thread.connections else {
+                return;
+            };
+            match tx.send((item.0, item.1, open)) {
+                Ok(()) => return,
+                Err(mpsc::error::SendError((tcp, service, _))) => {
+                    // Its runtime ended (it panicked): the others serve from now on.
+                    tracing::error!(thread = best, "a serving thread has stopped");
+                    thread.connections = None;
+                    item = (tcp, service);
+                }
+            }
         }
     }
 
@@ -285,6 +294,17 @@ impl Drop for ServingThreads {
         // Released or not, the threads end (without being waited for).
         self.release.cancel();
     }
+}
+
+/// Of `n` threads, the running one with the fewest open connections (`load(i)`: `None` when
+/// thread `i` has stopped); among equals the first counting from `next`, so that ties go round
+/// the threads.
+fn least_busy(n: usize, next: usize, load: impl Fn(usize) -> Option<usize>) -> Option<usize> {
+    (0..n)
+        .map(|i| (next + i) % n)
+        .filter_map(|i| load(i).map(|open| (open, i)))
+        .min_by_key(|&(open, _)| open)
+        .map(|(_, i)| i)
 }
 
 /// A serving thread: serves the connections handed to it on this thread's runtime, with this
@@ -342,5 +362,33 @@ impl hyper::service::Service<http::Request<Incoming>> for Dispatch {
         let mut req = req.map(Body::new);
         req.extensions_mut().insert(ConnectInfo(self.remote));
         Box::pin(self.router.clone().oneshot(req))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::least_busy;
+
+    #[test]
+    fn connections_go_to_the_least_busy_running_thread() {
+        let loads = [Some(3), Some(1), Some(2)];
+        assert_eq!(least_busy(3, 0, |i| loads[i]), Some(1));
+        // A stopped thread gets nothing, however idle.
+        let loads = [Some(3), None, Some(2)];
+        assert_eq!(least_busy(3, 0, |i| loads[i]), Some(2));
+        assert_eq!(least_busy(2, 0, |_| None), None);
+    }
+
+    #[test]
+    fn ties_go_round_the_threads() {
+        let loads = [Some(0), Some(0), Some(0)];
+        let mut next = 0;
+        let mut picked = Vec::new();
+        for _ in 0..6 {
+            let i = least_busy(3, next, |i| loads[i]).unwrap();
+            picked.push(i);
+            next = i + 1;
+        }
+        assert_eq!(picked, [0, 1, 2, 0, 1, 2]);
     }
 }
