@@ -177,13 +177,8 @@ impl Application {
         token.cancel();
         engines.close().await;
         // After the last flush: it may use connections the serving threads' runtimes drive.
-        match served {
-            Ok(threads) => {
-                threads.release().await;
-                Ok(())
-            }
-            Err(e) => Err(e),
-        }
+        served?.release().await;
+        Ok(())
     }
 }
 

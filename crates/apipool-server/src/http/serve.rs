@@ -231,11 +231,12 @@ impl ServingThreads {
             };
             self.next = best + 1;
             let thread = &mut self.threads[best];
-            thread.open.fetch_add(1, Ordering::Relaxed);
-            let open = OpenConnection(thread.open.clone());
+            // `least_busy` picks running threads only.
             let Some(tx) = &thread.connections else {
                 return;
             };
+            thread.open.fetch_add(1, Ordering::Relaxed);
+            let open = OpenConnection(thread.open.clone());
             match tx.send((item.0, item.1, open)) {
                 Ok(()) => return,
                 Err(mpsc::error::SendError((tcp, service, _))) => {
